@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repo root and install the project (idempotent).
+# torch/torchvision are installed first at the pinned versions, so nothing later can pull another torch.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.pixeldit-install-stamp
+want="$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+# DeepSpeed's build imports torch: build it against the torch already in the venv (no isolated build env).
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation deepspeed
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python - <<'PY'
+import torch
+assert torch.__version__.startswith("2.14.1"), f"unexpected torch {torch.__version__}"
+PY
+echo "$want" > "$stamp"
