@@ -1,0 +1,130 @@
+"""Transformer blocks of the two PixelDiT pathways.
+
+Patch level: a DiT block (class-conditional) or an MM-DiT block (text-to-image) over p×p patch tokens.
+Pixel level: the PiT block over per-pixel tokens, conditioned pixel by pixel (pixel-wise AdaLN) and attending
+across patches through pixel token compaction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
+
+
+class DiTBlock(nn.Module):
+    """Patch-level block: RMSNorm + AdaLN-modulated self-attention and SwiGLU, gated residuals."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class MMDiTBlock(nn.Module):
+    """Patch-level text-to-image block: separate image/text weights, one joint attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.img_norm1 = RMSNorm(dim)
+        self.txt_norm1 = RMSNorm(dim)
+        self.attn = JointAttention(dim, heads)
+        self.img_norm2 = RMSNorm(dim)
+        self.txt_norm2 = RMSNorm(dim)
+        self.img_mlp = SwiGLU(dim, mlp_ratio)
+        self.txt_mlp = SwiGLU(dim, mlp_ratio)
+        self.img_modulation = nn.Linear(dim, 6 * dim)
+        self.txt_modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, img, txt, c, img_rope, txt_rope=None, key_mask=None):
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_modulation(c).chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_modulation(c).chunk(6, dim=-1)
+        img_attn, txt_attn = self.attn(
+            modulate(self.img_norm1(img), i_shift1, i_scale1),
+            modulate(self.txt_norm1(txt), t_shift1, t_scale1),
+            img_rope, txt_rope, key_mask,
+        )
+        img = img + i_gate1 * img_attn
+        txt = txt + t_gate1 * txt_attn
+        img = img + i_gate2 * self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2))
+        txt = txt + t_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2))
+        return img, txt
+
+
+class PixelTokenEmbedder(nn.Module):
+    """Each pixel → a D_pix token (linear + fixed 2D sin-cos position), grouped patch by patch.
+
+    Output [B·L, p², D_pix] where L = (H/p)·(W/p) patches in row-major order and pixels row-major inside
+    each patch.
+    """
+
+    def __init__(self, in_channels: int, dim: int, use_abs_pos: bool = True):
+        super().__init__()
+        self.dim = dim
+        self.use_abs_pos = use_abs_pos
+        self.proj = nn.Linear(in_channels, dim)
+
+    def forward(self, x: torch.Tensor, patch: int) -> torch.Tensor:
+        B, _, H, W = x.shape
+        tok = self.proj(x.permute(0, 2, 3, 1))  # [B, H, W, D]
+        if self.use_abs_pos:
+            tok = tok + sincos_2d(self.dim, H, W, x.device, tok.dtype)
+        hp, wp = H // patch, W // patch
+        tok = tok.view(B, hp, patch, wp, patch, self.dim).transpose(2, 3)
+        return tok.reshape(B * hp * wp, patch * patch, self.dim)
+
+
+class PiTBlock(nn.Module):
+    """Pixel Transformer block.
+
+    - Pixel-wise AdaLN: the patch condition s [B·L, D] is mapped to p²·6·D_pix values, i.e. a distinct
+      shift/scale/gate for every pixel of the patch (Φ: D → p²·6·D_pix).
+    - Pixel token compaction: the p² pixel tokens of a patch are flattened (p²·D_pix) and linearly
+      compacted to the attention width, attention runs across the L patches, and the result is expanded back.
+    - A GELU MLP acts on each pixel token.
+    """
+
+    def __init__(self, pixel_dim: int, cond_dim: int, patch: int, attn_dim: int, attn_heads: int,
+                 mlp_ratio: float = 4.0):
+        super().__init__()
+        self.pixel_dim = pixel_dim
+        self.patch = patch
+        self.attn_dim = attn_dim
+        p2 = patch * patch
+        self.modulation = nn.Linear(cond_dim, 6 * p2 * pixel_dim)
+        self.norm1 = RMSNorm(pixel_dim)
+        self.compact = nn.Linear(p2 * pixel_dim, attn_dim)
+        self.attn = Attention(attn_dim, attn_heads)
+        self.expand = nn.Linear(attn_dim, p2 * pixel_dim)
+        self.norm2 = RMSNorm(pixel_dim)
+        self.mlp = GeluMLP(pixel_dim, mlp_ratio)
+
+    def forward(self, x, s_cond, batch: int, rope):
+        BL, P2, D = x.shape
+        mod = self.modulation(s_cond).view(BL, P2, 6 * D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        h = self.compact(h.reshape(batch, BL // batch, P2 * D))
+        h = self.expand(self.attn(h, rope)).view(BL, P2, D)
+        x = x + gate1 * h
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.linear = nn.Linear(dim, out_channels)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
