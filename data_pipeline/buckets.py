@@ -62,10 +62,11 @@ class BucketSpec:
     ``mode="fixed"``: every image becomes ``resolution x resolution`` (stage 1, ImageNet).
     ``mode="multi"``: nearest bucket of the ``ASPECT_RATIO_<resolution>`` table (later stages).
     ``crop``: ``center`` | ``random`` | ``adm`` (ADM/guided-diffusion centre crop, for ImageNet).
+    ``table``: a table name, or a ``{ratio: [h, w]}`` dict of one's own (tiny tables for tests and demos).
     """
 
     def __init__(self, mode: str = "fixed", resolution: int = 512, crop: str = "center",
-                 patch_size: int = PATCH_SIZE, table: Optional[str] = None):
+                 patch_size: int = PATCH_SIZE, table=None):
         if mode not in ("fixed", "multi"):
             raise ValueError(f"bucket mode must be 'fixed' or 'multi', got {mode!r}")
         if crop not in ("center", "random", "adm"):
@@ -76,7 +77,7 @@ class BucketSpec:
                 raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch_size}")
             self.table = {"1.0": [self.resolution, self.resolution]}
         else:
-            self.table = get_table(table or self.resolution)
+            self.table = dict(table) if isinstance(table, dict) else get_table(table or self.resolution)
         for h, w in self.table.values():
             assert h % patch_size == 0 and w % patch_size == 0, (h, w)
 

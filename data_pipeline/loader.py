@@ -115,6 +115,11 @@ def iter_shard(url: str, skip: int = 0) -> Iterator[Tuple[int, Dict[str, bytes]]
                 idx, cur_key, cur = idx + 1, key, {"__key__": key}
             if idx >= skip:
                 cur[ext.lower()] = tf.extractfile(m).read()
+        # A complete tar ends with two zero blocks and tarfile stops after reading the first one; a tar cut
+        # on a header boundary ends silently instead, so check the second block is there before trusting
+        # the last sample.
+        if len(tf.fileobj.read(512)) < 512:
+            raise tarfile.ReadError(f"{url}: truncated tar (no end-of-archive marker)")
         if cur_key is not None and idx >= skip:
             yield idx, cur
     finally:
@@ -188,10 +193,15 @@ class _Cursor:
             try:
                 member, sample = next(self._it)
             except StopIteration:
+                expected = self.ds.counts[shard] if self.ds.counts else None
+                if expected is not None and self.offset < expected:  # tar ended early on a header boundary
+                    self.counters["truncated_shard"] += 1
+                    self.warn("truncated_shard", _shard_name(url), f"after member {self.offset}",
+                              f"{expected} samples in the index")
                 self._advance_shard()
                 continue
             except (OSError, tarfile.TarError, EOFError, ValueError) as e:
-                reason = "unreadable_shard" if self.offset == 0 and not _looks_truncated(e) else "truncated_shard"
+                reason = "unreadable_shard" if self.offset == 0 else "truncated_shard"
                 self.counters[reason] += 1
                 self.warn(reason, _shard_name(url), f"after member {self.offset}", repr(e))
                 self._advance_shard()
@@ -207,11 +217,6 @@ class _Cursor:
 
     def _advance_shard(self):
         self._it, self.task, self.offset = None, self.task + 1, 0
-
-
-def _looks_truncated(e: BaseException) -> bool:
-    s = str(e).lower()
-    return "unexpected end" in s or "truncat" in s or isinstance(e, EOFError)
 
 
 def _reread(datasets: List[DatasetSpec], locs: List[Tuple]) -> Dict[Tuple, Dict]:
@@ -245,7 +250,7 @@ class _Stream:
 
     def __init__(self, cfg: Dict, datasets: List[DatasetSpec], sid: int, state: Optional[Dict]):
         self.cfg, self.datasets, self.sid = cfg, datasets, sid
-        self.spec = BucketSpec(cfg["bucket_mode"], cfg["resolution"], cfg["crop"])
+        self.spec = BucketSpec(cfg["bucket_mode"], cfg["resolution"], cfg["crop"], table=cfg["bucket_table"])
         self.counters = Counter((state or {}).get("counters", {}))
         self._warned = set()
         self.rng = random.Random(f"stream-{cfg['seed']}-{sid}")
@@ -418,16 +423,19 @@ class _StreamsDataset(IterableDataset):
         cfg = self.cfg
         first = cfg["rank"] * cfg["streams_per_rank"]
         sids = [first + l for l in range(cfg["streams_per_rank"]) if l % nw == w]
-        gens = [(sid, iter(_Stream(cfg, self.datasets, sid, self.states.get(sid)))) for sid in sids]
+        streams = [_Stream(cfg, self.datasets, sid, self.states.get(sid)) for sid in sids]
+        gens = [(s, iter(s)) for s in streams]
         while gens:  # round-robin over this worker's streams
             for entry in list(gens):
-                sid, g = entry
+                stream, g = entry
                 try:
                     batch, state = next(g)
                 except StopIteration:
                     gens.remove(entry)
+                    # A finished stream reports its last state (bad-data counts after its last batch).
+                    yield {"_stream": stream.sid, "_state": stream.state(), "_final": True}
                     continue
-                batch["_stream"], batch["_state"] = sid, state
+                batch["_stream"], batch["_state"] = stream.sid, state
                 yield batch
 
 
@@ -436,35 +444,37 @@ class ShardLoader:
 
     def __init__(self, datasets: Sequence, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, bucket_mode: str = "fixed", resolution: int = 512,
-                 crop: str = "center", hflip: bool = False, shuffle_buffer: int = 1000,
+                 crop: str = "center", bucket_table=None, hflip: bool = False, shuffle_buffer: int = 1000,
                  shuffle_shards: bool = True, epochs: Optional[int] = None, drop_last: bool = True,
                  streams_per_rank: Optional[int] = None, clip_thr: float = 0.0, clip_thr_temperature: float = 1.0,
                  caption_proportion: Optional[Dict[str, float]] = None, text_dropout: float = 0.0,
                  use_text_emb: bool = False, require_caption: Optional[bool] = None, prefetch_factor: int = 2,
-                 pin_memory: bool = False, persistent_workers: bool = False):
+                 pin_memory: bool = False, mp_context: Optional[str] = None):
         self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d) for d in datasets]
         spr = streams_per_rank or max(1, num_workers)
         self.cfg = {"batch_size": int(batch_size), "rank": int(rank), "world_size": int(world_size),
                     "seed": int(seed), "bucket_mode": bucket_mode, "resolution": int(resolution), "crop": crop,
-                    "hflip": bool(hflip), "shuffle_buffer": max(1, int(shuffle_buffer)),
+                    "bucket_table": bucket_table, "hflip": bool(hflip), "shuffle_buffer": max(1, int(shuffle_buffer)),
                     "shuffle_shards": bool(shuffle_shards), "epochs": epochs, "drop_last": bool(drop_last),
                     "streams_per_rank": int(spr), "nstreams": int(spr) * int(world_size),
                     "clip_thr": float(clip_thr), "clip_thr_temperature": float(clip_thr_temperature),
                     "caption_proportion": caption_proportion, "text_dropout": float(text_dropout),
                     "use_text_emb": bool(use_text_emb), "require_caption": require_caption}
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.mp_context = mp_context  # None = torch's default (fork on Linux); "spawn" / "forkserver" work too
         self._states: Dict[int, Dict] = {}
-        BucketSpec(bucket_mode, resolution, crop)  # validate early
+        BucketSpec(bucket_mode, resolution, crop, table=bucket_table)  # validate early
 
     # -- iteration
     def __iter__(self):
         ds = _StreamsDataset(dict(self.cfg), self.datasets, copy.deepcopy(self._states))
         nw = min(self.num_workers, self.cfg["streams_per_rank"])
-        kw = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context="spawn") if nw > 0 else {}
+        kw = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context=self.mp_context) if nw > 0 else {}
         dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory, **kw)
         for batch in dl:
             self._states[int(batch.pop("_stream"))] = batch.pop("_state")
-            yield batch
+            if not batch.pop("_final", False):
+                yield batch
 
     # -- resumption
     def state_dict(self) -> Dict:
