@@ -194,7 +194,8 @@ def imagenet_records(root: str, classes: Optional[List[str]] = None) -> Iterator
         for f in sorted(os.listdir(d)):
             if f.lower().endswith(IMAGE_EXTS):
                 stem = os.path.splitext(f)[0]
-                yield {"key": sanitize_key(f"{synset}_{stem}"), "image": os.path.join(d, f),
+                key = stem if stem.startswith(synset) else f"{synset}_{stem}"
+                yield {"key": sanitize_key(key), "image": os.path.join(d, f),
                        "captions": {"prompt": synset}, "scores": {}, "label": label,
                        "extra": {"class_name": synset}, "origin": os.path.join(d, f)}
 
