@@ -25,8 +25,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, rope):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
+        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x
 
 
@@ -53,10 +53,10 @@ class MMDiTBlock(nn.Module):
             modulate(self.txt_norm1(txt), t_shift1, t_scale1),
             img_rope, txt_rope, key_mask,
         )
-        img = img + i_gate1 * img_attn
-        txt = txt + t_gate1 * txt_attn
-        img = img + i_gate2 * self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2))
-        txt = txt + t_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2))
+        img = torch.addcmul(img, i_gate1, img_attn)
+        txt = torch.addcmul(txt, t_gate1, txt_attn)
+        img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2)))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
         return img, txt
 
 
@@ -115,8 +115,8 @@ class PiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift1, scale1)
         h = self.compact(h.reshape(batch, BL // batch, P2 * D))
         h = self.expand(self.attn(h, rope)).view(BL, P2, D)
-        x = x + gate1 * h
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1, h)
+        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x
 
 
