@@ -1,0 +1,267 @@
+"""Distributed backends behind one small interface, so the trainer loop never knows which one runs.
+
+    backend.forward(**inputs) -> dict          (autocast bf16 where configured)
+    backend.backward(loss, boundary, poison)   (poison: make this accumulation cycle's update be skipped)
+    backend.step(lr, clip) -> (grad_norm, applied)   (global-norm clip; non-finite norm or poison = no update)
+    backend.save(dir) / backend.load(dir)      (native format: torch.save | DCP | DeepSpeed)
+    backend.ema_params() -> (named parameters, EMA shard mode)
+
+`TrainModule` holds the denoiser and the objective (whose REPA projector trains with it) so that every backend
+wraps one module and sees every trainable parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import dist as d
+from .optim import build_optimizer
+
+WEIGHTS_ONLY = dict(weights_only=True)
+
+
+class TrainModule(nn.Module):
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, images, cond, mask=None, generator=None):
+        return self.objective.loss(self.model, images, cond, mask, generator=generator)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def _as_float(x) -> float:
+    if x is None:
+        return float("nan")
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, cfg, module: TrainModule, device: torch.device):
+        self.cfg = cfg
+        self.raw = module
+        self.device = device
+        self.precision = cfg.backend.precision
+        self.accum = cfg.backend.grad_accum
+        self._poisoned = False
+
+    # the module that is called (DDP / DeepSpeed wrap it; single and FSDP2 use it in place)
+    wrapped: nn.Module
+
+    def forward(self, **inputs):
+        with _autocast(self.device, self.precision):
+            return self.wrapped(**inputs)
+
+    def backward(self, loss: torch.Tensor, boundary: bool, poison: bool = False) -> None:
+        # a poisoned micro-batch still runs backward so that the collectives stay in step on every rank;
+        # its cycle's update is discarded in step()
+        self._poisoned |= poison
+        (loss / self.accum).backward()
+
+    def trainable(self):
+        return [p for p in self.raw.parameters() if p.requires_grad]
+
+    def step(self, lr: float, clip: float) -> tuple[float, bool]:
+        params = self.trainable()
+        norm = _as_float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"),
+                                                         foreach=False))
+        applied = not self._poisoned and math.isfinite(norm)
+        if applied:
+            _set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._poisoned = False
+        return norm, applied
+
+    def ema_params(self):
+        return list(self.raw.model.named_parameters()), "full"
+
+    def save(self, ckpt_dir: Path) -> None:
+        if d.is_main():
+            torch.save({"module": self.raw.state_dict(), "optim": self.optimizer.state_dict()},
+                       ckpt_dir / "state.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        state = torch.load(ckpt_dir / "state.pt", map_location=self.device, **WEIGHTS_ONLY)
+        self.raw.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optim"])
+
+
+class SingleBackend(Backend):
+    name = "single"
+
+    def __init__(self, cfg, module, device):
+        super().__init__(cfg, module, device)
+        self.raw.to(device)
+        self.wrapped = self.raw
+        self.optimizer = build_optimizer(self.trainable(), cfg.optim)
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def __init__(self, cfg, module, device):
+        super().__init__(cfg, module, device)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.raw.to(device)
+        self.wrapped = DDP(self.raw, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = build_optimizer(self.trainable(), cfg.optim)
+
+    def backward(self, loss, boundary, poison=False):
+        with contextlib.nullcontext() if boundary else self.wrapped.no_sync():
+            super().backward(loss, boundary, poison)
+
+    def ema_params(self):
+        return list(self.raw.model.named_parameters()), "flat_slice"
+
+
+class FSDPBackend(Backend):
+    """PyTorch FSDP2: `fully_shard` per transformer block, then the root; bf16 compute with fp32 reduction."""
+
+    name = "fsdp"
+
+    def __init__(self, cfg, module, device):
+        super().__init__(cfg, module, device)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.raw.to(device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.precision == "bf16" else MixedPrecisionPolicy()
+        for unit in self.raw.model.shard_units():
+            fully_shard(unit, mp_policy=mp)
+        fully_shard(self.raw, mp_policy=mp)
+        self.wrapped = self.raw
+        self.optimizer = build_optimizer(self.trainable(), cfg.optim)
+
+    def backward(self, loss, boundary, poison=False):
+        self.raw.set_requires_gradient_sync(boundary)
+        super().backward(loss, boundary, poison)
+
+    def ema_params(self):
+        return list(self.raw.model.named_parameters()), "dtensor"
+
+    def save(self, ckpt_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.raw, self.optimizer)
+        dcp.save({"module": msd, "optim": osd}, checkpoint_id=str(ckpt_dir / "dcp"))
+
+    def load(self, ckpt_dir: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(self.raw, self.optimizer)
+        state = {"module": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        set_state_dict(self.raw, self.optimizer, model_state_dict=state["module"],
+                       optim_state_dict=state["optim"])
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON, generated from our YAML or read from `backend.deepspeed_config` and checked."""
+    b = cfg.backend
+    ours = {
+        "train_micro_batch_size_per_gpu": b.micro_batch,
+        "gradient_accumulation_steps": b.grad_accum,
+        "train_batch_size": b.micro_batch * b.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": b.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "bf16": {"enabled": b.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if b.deepspeed_config is None:
+        return ours
+    path = Path(b.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"backend.deepspeed_config: {path} does not exist")
+    theirs = json.loads(path.read_text())
+    for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if k in theirs and theirs[k] != ours[k]:
+            raise ValueError(f"{path}: {k} = {theirs[k]} contradicts the run config ({ours[k]})")
+        theirs[k] = ours[k]
+    for k in ("optimizer", "scheduler"):
+        if k in theirs:
+            raise ValueError(f"{path}: remove '{k}'; the optimizer and schedule come from the run config")
+    return theirs
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg, module, device):
+        super().__init__(cfg, module, device)
+        import deepspeed
+
+        self.ds_config = deepspeed_config(cfg, d.world_size())
+        optimizer = build_optimizer(self.trainable(), cfg.optim)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.raw, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        self.wrapped = self.engine
+        self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+
+    def backward(self, loss, boundary, poison=False):
+        # DeepSpeed skips (and clears) an update whose gradient norm is not finite: a poisoned micro-batch
+        # back-propagates NaN so that the whole accumulation cycle is discarded, on every rank alike.
+        if poison:
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        if not boundary:
+            self.engine.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self, lr, clip):
+        _set_lr(self.optimizer, lr)
+        if hasattr(self.optimizer, "clip_grad"):
+            self.optimizer.clip_grad = clip
+        self.engine._config.gradient_clipping = clip
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied())
+        return _as_float(self.engine.get_global_grad_norm()), applied
+
+    def ema_params(self):
+        mode = "ds_partition" if self.stage == 3 else "flat_slice"
+        return list(self.raw.model.named_parameters()), mode
+
+    def save(self, ckpt_dir: Path) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+
+
+BACKENDS = {"single": SingleBackend, "ddp": DDPBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}
+
+
+def build_backend(cfg, module: TrainModule, device: torch.device) -> Backend:
+    if cfg.backend.name not in BACKENDS:
+        raise ValueError(f"backend.name: {cfg.backend.name!r} is not one of {sorted(BACKENDS)}")
+    if cfg.backend.name == "single" and d.world_size() > 1:
+        raise ValueError(f"backend.name: 'single' runs one process, but the launcher started {d.world_size()}; "
+                         "use ddp, fsdp or deepspeed")
+    return BACKENDS[cfg.backend.name](cfg, module, device)

@@ -1,0 +1,80 @@
+"""Process-group set-up and the few collectives the trainer needs (works under deepspeed, torchrun, or alone)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def pick_device(kind: str = "auto") -> torch.device:
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    dev = torch.device("cuda", local_rank())
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(device: torch.device, backend: str = "auto", use_deepspeed: bool = False) -> None:
+    """Join the process group the launcher described in the environment (RANK/WORLD_SIZE/MASTER_ADDR)."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not use_deepspeed:
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
+    else:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a small tensor (returned on the same device)."""
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world_size()
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

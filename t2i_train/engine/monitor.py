@@ -1,0 +1,93 @@
+"""Metrics: a JSON-lines file in the run directory (always), wandb or tensorboard (config), tqdm progress.
+
+Only rank 0 writes. wandb runs offline unless `logging.wandb_mode: online`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import dist as d
+
+# dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not reported)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Monitor:
+    def __init__(self, cfg, run_dir: Path, start_step: int, resolved: dict):
+        self.enabled = d.is_main()
+        self.kind = cfg.logging.report_to
+        self.file = None
+        self.bar = None
+        self.tb = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        if self.kind == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, dir=str(run_dir),
+                                    config=resolved, resume="allow", id=cfg.run.name.replace("/", "_"))
+        elif self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if cfg.logging.tqdm:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.run.max_steps, initial=start_step, dynamic_ncols=True, desc=cfg.run.name)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None and "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}")
+
+    def log_image(self, step: int, path: Path) -> None:
+        if not self.enabled:
+            return
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"val/samples": wandb.Image(str(path))}, step=step)
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.tb.add_image("val/samples", np.asarray(Image.open(path)), step, dataformats="HWC")
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()

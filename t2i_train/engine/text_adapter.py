@@ -1,0 +1,45 @@
+"""Turning a batch's text into the denoiser's condition: cached embeddings, Gemma-2, or a tiny hash encoder.
+
+`hash:<dim>` is a deterministic bag-of-words stand-in for CPU demos and tests (each word maps to a fixed random
+vector); it lets a tiny T2I model learn caption-dependent images without downloading a language model.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+class HashTextEncoder:
+    def __init__(self, dim: int, max_length: int):
+        self.dim, self.max_length = int(dim), int(max_length)
+
+    def _vec(self, word: str) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, prompts):
+        emb = torch.zeros(len(prompts), self.max_length, self.dim)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            words = ["<bos>"] + str(p).lower().split()
+            for j, w in enumerate(words[: self.max_length]):
+                emb[i, j], mask[i, j] = self._vec(w), 1
+        return emb, mask
+
+    def encode_null(self, prompt: str = ""):
+        return self.encode([prompt])
+
+
+def build_text_encoder(text_cfg, txt_dim: int, device):
+    name = text_cfg.encoder
+    if name is None:
+        return None
+    if name.startswith("hash"):
+        dim = int(name.split(":", 1)[1]) if ":" in name else txt_dim
+        if dim != txt_dim:
+            raise ValueError(f"text.encoder: {name} gives {dim}-d embeddings, the model expects {txt_dim}")
+        return HashTextEncoder(dim, text_cfg.max_length)
+    from t2i_train.text import GemmaTextEncoder
+
+    return GemmaTextEncoder(name, max_length=text_cfg.max_length, device=device)
