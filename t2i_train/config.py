@@ -26,6 +26,7 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 1000
     task: Literal["t2i", "c2i"] = "t2i"
+    debug_kill_at_step: Optional[int] = None  # testing aid: every rank SIGKILLs itself after this step
 
 
 @dataclass
@@ -125,7 +126,7 @@ class LoggingConfig:
     val_steps: int = 25
     val_cfg_scale: float = 4.5
     val_image_size: Optional[int] = None
-    val_sampler: str = "flow_dpm"
+    val_sampler: Literal["euler", "heun", "flow_dpm_solver", "dpm_solver_2m"] = "flow_dpm_solver"
 
 
 @dataclass

@@ -183,8 +183,10 @@ class Trainer:
         model = build_model(cfg.model.spec, **overrides)
         if cfg.model.activation_checkpointing:
             model.set_activation_checkpointing(True)
+        init_checksum = None
         if cfg.model.init_from and resume_from is None:
             load_weights(model, cfg.model.init_from)
+            init_checksum = float(sum(p.double().sum() for p in model.parameters()))
         self.model_config = model.export_config()
         obj_cfg = {k: getattr(cfg.objective, k) for k in
                    ("timestep_sampling", "logit_mean", "logit_std", "shift", "repa_weight", "repa_block",
@@ -192,7 +194,8 @@ class Trainer:
         objective = FlowObjective(obj_cfg, hidden_size=model.hidden_size)
         self.is_t2i = model.is_t2i
 
-        self.text_encoder = build_text_encoder(cfg.text, model.config["txt_dim"], self.device) \
+        self.text_encoder = build_text_encoder(cfg.text, model.config["txt_dim"], model.config["txt_len"],
+                                               self.device) \
             if self.is_t2i else None
         if self.is_t2i:
             null_emb, null_mask = self._null_text(model)
@@ -211,6 +214,10 @@ class Trainer:
         self.stop_signal = None
         self.monitor = Monitor(cfg, self.run_dir, self.step, to_dict(cfg))
         self._flops_per_sample = None
+        self._event("start", backend=self.backend.name, world_size=d.world_size(), global_batch=self.global_batch,
+                    shift=objective.cfg.shift, repa_weight=objective.cfg.repa_weight,
+                    init_from=cfg.model.init_from if init_checksum is not None else None,
+                    init_checksum=init_checksum, resumed_from=str(resume_from) if resume_from else None)
 
     # -------------------------------------------------------------------- conditions
     def _null_text(self, model):
@@ -412,6 +419,9 @@ class Trainer:
                 break
             if self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.max_steps:
                 self.save()
+            if cfg.run.debug_kill_at_step is not None and self.step == cfg.run.debug_kill_at_step:
+                d.barrier()
+                os.kill(os.getpid(), signal.SIGKILL)
         if status == "finished":
             self.save()
             self.export()
