@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i_train.config import TrainConfig, check_global_batch, dump_yaml, load_config, to_dict
+from t2i_train.config import ConfigError, TrainConfig, check_global_batch, dump_yaml, load_config, to_dict
 from t2i_train.engine import dist as d
 from t2i_train.engine.backends import TrainModule, build_backend
 from t2i_train.engine.checkpoint import CheckpointManager
@@ -186,7 +186,7 @@ class Trainer:
         init_checksum = None
         if cfg.model.init_from and resume_from is None:
             load_weights(model, cfg.model.init_from)
-            init_checksum = float(sum(p.double().sum() for p in model.parameters()))
+            init_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
         self.model_config = model.export_config()
         obj_cfg = {k: getattr(cfg.objective, k) for k in
                    ("timestep_sampling", "logit_mean", "logit_std", "shift", "repa_weight", "repa_block",
@@ -568,7 +568,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"t2i-train: config error: {e}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg)
     result = trainer.fit()
     if d.is_main():
