@@ -18,6 +18,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -312,11 +313,16 @@ class Trainer:
 
     # -------------------------------------------------------------------- signals
     def _install_signals(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm pre-emption) → checkpoint at the end of the current step, then exit."""
         def handler(signum, _frame):
             self.stop_signal = signum
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
+        # slurm/common.sh forwards the batch script's USR1 to the pids listed here
+        self.pid_file = self.run_dir / "pids" / f"{socket.gethostname()}.{d.rank()}"
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(str(os.getpid()))
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.device)
@@ -427,6 +433,7 @@ class Trainer:
             self.export()
         self._event("end", status=status)
         self.monitor.close()
+        self.pid_file.unlink(missing_ok=True)
         return {"status": status, "step": self.step, "losses": history}
 
     def _log(self, out: dict, window: dict, buckets: torch.Tensor) -> None:
