@@ -93,3 +93,5 @@ def test_dinov2_teacher_loads_local_weights(tmp_path, random_teacher):
     loaded = DinoV2Teacher(str(tmp_path / "dino.safetensors"))
     feats = loaded(torch.zeros(1, 3, 16, 16), (1, 1))
     assert torch.allclose(feats.mean(-1), torch.full((1, 1), 0.5), atol=1e-4)
+    loaded.to(torch.bfloat16)  # float32 images into a bf16 teacher
+    assert loaded(torch.zeros(1, 3, 16, 16), (1, 1)).dtype == torch.bfloat16

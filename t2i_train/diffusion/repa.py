@@ -52,8 +52,8 @@ class RepaProjector(nn.Sequential):
 class DinoV2Teacher(nn.Module):
     """Frozen DINOv2 ViT-B/14 from timm; returns [B, (H/p)·(W/p), 768] patch tokens after the final norm.
 
-    `weights`: None (random init, tests), a local file (.safetensors / .pth / .bin with timm key names) or a
-    hub id understood by timm (e.g. 'timm/vit_base_patch14_dinov2.lvd142m').
+    `weights`: None (random init, tests), a local file (.safetensors / .pth / .bin with timm key names), a hub id
+    ('timm/vit_base_patch14_dinov2.lvd142m') or a tagged timm name ('vit_base_patch14_dinov2.lvd142m').
     """
 
     def __init__(self, weights: str | None = None, model_name: str = "vit_base_patch14_dinov2"):
@@ -66,9 +66,10 @@ class DinoV2Teacher(nn.Module):
             self.encoder = timm.create_model(model_name, pretrained=False, **kwargs)
             if local:
                 self.encoder.load_state_dict(_read_state_dict(weights), strict=True)
-        else:
-            hub = weights if weights.startswith("hf-hub:") or weights.startswith("hf_hub:") else f"hf-hub:{weights}"
-            self.encoder = timm.create_model(hub, pretrained=True, **kwargs)
+        elif "/" in weights and not weights.startswith(("hf-hub:", "hf_hub:")):
+            self.encoder = timm.create_model(f"hf-hub:{weights}", pretrained=True, **kwargs)
+        else:  # "hf-hub:org/name" or a timm name with tag, e.g. "vit_base_patch14_dinov2.lvd142m"
+            self.encoder = timm.create_model(weights, pretrained=True, **kwargs)
         self.encoder.requires_grad_(False).eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -83,7 +84,7 @@ class DinoV2Teacher(nn.Module):
         size = (DINO_PATCH * grid[0], DINO_PATCH * grid[1])
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-        tokens = self.encoder.forward_features(x)
+        tokens = self.encoder.forward_features(x.to(next(self.encoder.parameters()).dtype))
         return tokens[:, self.encoder.num_prefix_tokens:]
 
 
