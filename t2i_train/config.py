@@ -137,7 +137,7 @@ class SpikeGuardConfig:
     sigma: float = 6.0  # loss > mean + sigma·std ...
     ratio: float = 3.0  # ... and loss > ratio·mean is a spike
     max_consecutive: int = 5  # then roll back to the last checkpoint with a new data order
-    inject_nan_at: list[int] = field(default_factory=list)  # testing aid: make rank 0's loss NaN at these steps
+    inject_nan_at: list[int] = field(default_factory=list)  # testing aid: rank 0's loss is NaN at these steps (before any roll-back)
 
 
 @dataclass

@@ -132,8 +132,10 @@ class LoaderSource:
 
     def reseed(self, rollbacks: int) -> None:
         """A different data order after a roll-back: a fresh stream with a derived seed."""
-        self.seed = derive_seed(self.cfg.run.seed, "rollback", rollbacks) % (2 ** 31)
-        self._build()
+        seed = self.cfg.run.seed if rollbacks == 0 else derive_seed(self.cfg.run.seed, "rollback", rollbacks) % 2 ** 31
+        if seed != self.seed:
+            self.seed = seed
+            self._build()
 
     @property
     def counters(self) -> dict:
@@ -343,7 +345,7 @@ class Trainer:
             images, cond, mask = self._condition(batch, gen)
             out = self.backend.forward(images=images, cond=cond, mask=mask, generator=gen)
             loss = out["loss"]
-            if step in cfg.spike_guard.inject_nan_at and r == 0:
+            if step in cfg.spike_guard.inject_nan_at and r == 0 and self.rollbacks == 0:
                 loss = loss * float("nan")
             global_loss = float(d.all_reduce_mean(loss.detach().float().reshape(1)).item())
             if flag is None:
