@@ -96,21 +96,26 @@ class BucketSpec:
 
 def resize_cover_crop(img: Image.Image, size: Bucket, random_crop: bool = False,
                       rng: Optional[random.Random] = None, resample=Image.BICUBIC) -> Image.Image:
-    """Resize so the image covers ``size`` (h, w) keeping its aspect ratio, then crop to exactly ``size``."""
+    """Resize so the image covers ``size`` (h, w) keeping its aspect ratio, then crop to exactly ``size``.
+
+    Done as one resampling of the source region that survives the crop (PIL's ``resize(box=...)``), so no
+    pixel that is cropped away is ever resampled.
+    """
     th, tw = size
     w, h = img.size
     scale = max(th / h, tw / w)
     rw, rh = max(tw, math.ceil(w * scale - 1e-6)), max(th, math.ceil(h * scale - 1e-6))
-    if (rw, rh) != (w, h):
-        img = img.resize((rw, rh), resample=resample)
     if random_crop:
         rng = rng or random
         left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
     else:
         left, top = (rw - tw) // 2, (rh - th) // 2
-    if (left, top, rw, rh) != (0, 0, tw, th):
-        img = img.crop((left, top, left + tw, top + th))
-    return img
+    if (rw, rh) == (w, h):
+        if (left, top, rw, rh) != (0, 0, tw, th):
+            img = img.crop((left, top, left + tw, top + th))
+        return img
+    sx, sy = w / rw, h / rh
+    return img.resize((tw, th), resample=resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
 
 
 def adm_center_crop(img: Image.Image, size: Bucket) -> Image.Image:

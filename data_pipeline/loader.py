@@ -27,7 +27,10 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
+import time
+import warnings
 from collections import Counter, OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.buckets import BucketSpec
@@ -97,9 +101,13 @@ def iter_shard(url: str, skip: int = 0) -> Iterator[Tuple[int, Dict[str, bytes]]
     Opens through ``webdataset.gopen`` (local files, ``pipe:`` commands, http). Raises ``OSError`` /
     ``tarfile.TarError`` when the shard cannot be opened or is truncated.
     """
-    stream = wds.gopen(url, "rb")
+    if _is_local(url):  # seekable: skipping members on resume does not read their data
+        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb", buffering=1 << 20)
+        mode = "r:"
+    else:
+        stream, mode = wds.gopen(url, "rb", bufsize=1 << 20), "r|*"
     try:
-        tf = tarfile.open(fileobj=stream, mode="r|*")
+        tf = tarfile.open(fileobj=stream, mode=mode, bufsize=1 << 20)
         cur_key, cur, idx = None, {}, -1
         for m in tf:
             if not m.isfile():
@@ -124,6 +132,10 @@ def iter_shard(url: str, skip: int = 0) -> Iterator[Tuple[int, Dict[str, bytes]]
             yield idx, cur
     finally:
         stream.close()
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith("file:") or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url)
 
 
 def _shard_name(url: str) -> str:
@@ -260,6 +272,7 @@ class _Stream:
         self.cursors = [_Cursor(cfg, ds, i, sid, cur_states.get(i, cur_states.get(str(i))), self.counters,
                                 self._warn) for i, ds in enumerate(datasets)]
         self.batches = (state or {}).get("batches", 0)
+        self.shared = get_worker_info() is not None
         self.buffer: List[Dict] = []
         self.buckets: "OrderedDict[Tuple[int, int], List[Dict]]" = OrderedDict()
         if state:
@@ -327,14 +340,16 @@ class _Stream:
         try:
             img = Image.open(io.BytesIO(sample[ext]))
             bucket = self.spec.assign(img.height, img.width)
-            img = img.convert("RGB")
+            if img.mode != "RGB":
+                img = img.convert("RGB")
             img = self.spec.apply(img, bucket, prng)
+            img.load()
         except Exception as e:  # noqa: BLE001 - any decoder failure is bad data, never a crash
             return bad("decode_error", repr(e))
         dropped = caption_dropout([caption], cfg["text_dropout"], prng)[0] == "" and caption != ""
         if cfg["hflip"] and prng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        item = {"loc": loc, "key": key, "bucket": bucket, "pixels": torch.from_numpy(np.asarray(img).copy()),
+        item = {"loc": loc, "key": key, "bucket": bucket, "pixels": img,
                 "caption": "" if dropped else caption, "dropped": dropped, "label": label,
                 "meta": {**{k: v for k, v in meta.items() if k not in ("captions", "scores")},
                          "caption_source": source, "shard": shard}}
@@ -379,22 +394,30 @@ class _Stream:
             if len(bucket) >= bs:
                 items = self.buckets.pop(item["bucket"])
                 self.batches += 1
-                yield collate(items), self.state()
+                yield collate(items, self.shared), self.state()
         if not self.cfg["drop_last"]:  # finite run: flush partial buckets in a fixed order
             for b in sorted(self.buckets):
                 items = self.buckets.pop(b)
                 if items:
                     self.batches += 1
-                    yield collate(items), self.state()
+                    yield collate(items, self.shared), self.state()
 
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def collate(items: List[Dict]) -> Dict:
-    pix = torch.stack([it["pixels"] for it in items]).permute(0, 3, 1, 2)
-    batch = {"image": pix.float().div_(127.5).sub_(1.0),
+def collate(items: List[Dict], shared: bool = False) -> Dict:
+    """One bucket's items -> batch; ``image`` is uint8 NHWC here (4x less to move between processes)."""
+    w, h = items[0]["pixels"].size
+    shape = (len(items), h, w, 3)  # channels last here; the main process makes NCHW while converting
+    # In a worker: written in place in (recycled) shared memory, so the dataloader sends it without a copy.
+    pix = _SHM_RING.take(shape) if shared else torch.empty(shape, dtype=torch.uint8)
+    with warnings.catch_warnings():  # the array is read-only; it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        for i, it in enumerate(items):
+            pix[i].copy_(torch.from_numpy(np.asarray(it["pixels"])))
+    batch = {"image": pix,
              "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
              "meta": [it["meta"] for it in items],
              "dropped": torch.tensor([it["dropped"] for it in items], dtype=torch.bool)}
@@ -412,6 +435,68 @@ def collate(items: List[Dict]) -> Dict:
     return batch
 
 
+def to_float_image(pix: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 [0, 255] NCHW -> float32 [-1, 1] (also usable on the accelerator: ``to_float_image(x.cuda())``)."""
+    out = torch.empty(pix.shape, dtype=torch.float32, device=pix.device) if out is None else out
+    return out.copy_(pix).div_(127.5).sub_(1.0)
+
+
+class _ShmRing:
+    """Recycled shared-memory batch buffers of a dataloader worker.
+
+    Fresh shared memory costs a page fault per 4 KiB on first touch, as much as decoding on some hosts.
+    A buffer is rewritten only ``depth`` batches of its shape later; the main process converts (copies) each
+    batch as soon as it arrives and a worker is never more than ``prefetch_factor + 1`` batches ahead of
+    that, so ``depth = prefetch_factor + 3`` never overwrites a batch still in use.
+    """
+
+    def __init__(self, depth: int = 5, max_bytes: int = 1 << 30):
+        self.depth, self.max_bytes, self.rings = depth, max_bytes, OrderedDict()
+
+    def take(self, shape) -> torch.Tensor:
+        ring = self.rings.pop(shape, None) or []
+        if len(ring) < self.depth:
+            buf = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        else:
+            buf = ring.pop(0)
+        ring.append(buf)
+        self.rings[shape] = ring  # most recently used last
+        while sum(b.numel() for r in self.rings.values() for b in r) > self.max_bytes and len(self.rings) > 1:
+            self.rings.popitem(last=False)
+        return buf
+
+
+_SHM_RING = _ShmRing()
+
+
+class _FloatPool:
+    """Float batch buffers of the main process, reused once nothing references them any more.
+
+    A batch gets a *view* of a pooled buffer; while the trainer (or any tensor derived from the batch without
+    a copy) holds it, the storage's use count stays above one and the buffer is not handed out again.
+    Avoids a fresh multi-MiB allocation (and its page faults) per batch.
+    """
+
+    def __init__(self, per_shape: int = 4):
+        self.per_shape, self.bufs = per_shape, {}
+
+    def get(self, shape) -> torch.Tensor:
+        bufs = self.bufs.setdefault(tuple(shape), [])
+        for b, ref, idle in bufs:
+            try:
+                free = torch._C._storage_Use_Count(ref.cdata) == idle  # no view of it is alive
+            except Exception:  # noqa: BLE001 - private API gone: fall back to fresh buffers
+                return torch.empty(shape, dtype=torch.float32)
+            if free:
+                return b.view(b.shape)
+        b = torch.empty(shape, dtype=torch.float32)
+        if len(bufs) < self.per_shape:
+            ref = StorageWeakRef(b.untyped_storage())
+            bufs.append((b, ref, torch._C._storage_Use_Count(ref.cdata)))
+            return b.view(b.shape)
+        return b
+
+
 # ------------------------------------------------------------------------------------------ torch plumbing
 class _StreamsDataset(IterableDataset):
     def __init__(self, cfg, datasets, states: Dict[int, Dict]):
@@ -420,6 +505,7 @@ class _StreamsDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
+        _SHM_RING.depth = self.cfg["shm_ring_depth"]
         cfg = self.cfg
         first = cfg["rank"] * cfg["streams_per_rank"]
         sids = [first + l for l in range(cfg["streams_per_rank"]) if l % nw == w]
@@ -436,7 +522,12 @@ class _StreamsDataset(IterableDataset):
                     yield {"_stream": stream.sid, "_state": stream.state(), "_final": True}
                     continue
                 batch["_stream"], batch["_state"] = stream.sid, state
+                batch["_cpu"] = (w, time.process_time())
                 yield batch
+
+
+def _identity(x):
+    return x
 
 
 class ShardLoader:
@@ -449,7 +540,7 @@ class ShardLoader:
                  streams_per_rank: Optional[int] = None, clip_thr: float = 0.0, clip_thr_temperature: float = 1.0,
                  caption_proportion: Optional[Dict[str, float]] = None, text_dropout: float = 0.0,
                  use_text_emb: bool = False, require_caption: Optional[bool] = None, prefetch_factor: int = 2,
-                 pin_memory: bool = False, mp_context: Optional[str] = None):
+                 pin_memory: bool = False, mp_context: Optional[str] = None, image_dtype: str = "float32"):
         self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d) for d in datasets]
         spr = streams_per_rank or max(1, num_workers)
         self.cfg = {"batch_size": int(batch_size), "rank": int(rank), "world_size": int(world_size),
@@ -459,9 +550,16 @@ class ShardLoader:
                     "streams_per_rank": int(spr), "nstreams": int(spr) * int(world_size),
                     "clip_thr": float(clip_thr), "clip_thr_temperature": float(clip_thr_temperature),
                     "caption_proportion": caption_proportion, "text_dropout": float(text_dropout),
-                    "use_text_emb": bool(use_text_emb), "require_caption": require_caption}
+                    "use_text_emb": bool(use_text_emb), "require_caption": require_caption,
+                    "shm_ring_depth": int(prefetch_factor) + 3}
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
-        self.mp_context = mp_context  # None = torch's default (fork on Linux); "spawn" / "forkserver" work too
+        if image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"image_dtype must be float32 or uint8, got {image_dtype!r}")
+        self.image_dtype = image_dtype  # uint8: [0, 255], for trainers that normalise on the accelerator
+        self.mp_context = mp_context
+        self._float_pool = _FloatPool()
+        self.worker_cpu_s: Dict[int, float] = {}  # CPU seconds of each worker when it made its last batch
+  # None = torch's default (fork on Linux); "spawn" / "forkserver" work too
         self._states: Dict[int, Dict] = {}
         BucketSpec(bucket_mode, resolution, crop, table=bucket_table)  # validate early
 
@@ -470,10 +568,20 @@ class ShardLoader:
         ds = _StreamsDataset(dict(self.cfg), self.datasets, copy.deepcopy(self._states))
         nw = min(self.num_workers, self.cfg["streams_per_rank"])
         kw = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context=self.mp_context) if nw > 0 else {}
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory, **kw)
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory, collate_fn=_identity,
+                        **kw)
         for batch in dl:
             self._states[int(batch.pop("_stream"))] = batch.pop("_state")
+            if "_cpu" in batch:
+                w, cpu = batch.pop("_cpu")
+                self.worker_cpu_s[w] = cpu
             if not batch.pop("_final", False):
+                pix = batch["image"].permute(0, 3, 1, 2)  # NHWC uint8 from the stream -> NCHW
+                if self.image_dtype == "float32":
+                    batch["image"] = to_float_image(pix, self._float_pool.get(pix.shape))
+                else:  # a copy: the worker recycles its shared buffers
+                    batch["image"] = pix.contiguous(memory_format=torch.contiguous_format)
+                del pix
                 yield batch
 
     # -- resumption
