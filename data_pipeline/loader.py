@@ -89,7 +89,7 @@ class DatasetSpec:
         if entry.get("index"):
             index = read_index(entry["index"])
             by_name = {s["name"]: s["count"] for s in index["shards"]}
-            counts = [by_name.get(os.path.basename(u.split()[-2] if u.startswith("pipe:") else u)) for u in urls]
+            counts = [by_name.get(_shard_name(u)) for u in urls]
             counts = None if any(c is None for c in counts) else counts
         return cls(urls, counts, weight, entry.get("name", specs[0]))
 
@@ -131,7 +131,10 @@ def iter_shard(url: str, skip: int = 0) -> Iterator[Tuple[int, Dict[str, bytes]]
         if cur_key is not None and idx >= skip:
             yield idx, cur
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except Exception as e:  # noqa: BLE001 - a pipe closed early exits non-zero (SIGPIPE); nothing is lost
+            log.debug("closing %s: %r", url, e)
 
 
 def _is_local(url: str) -> bool:
@@ -139,7 +142,9 @@ def _is_local(url: str) -> bool:
 
 
 def _shard_name(url: str) -> str:
-    return os.path.basename(url.split()[-2] if url.startswith("pipe:") and len(url.split()) > 1 else url)
+    """``name-000001.tar`` for a path, an URL or a ``pipe:`` command that mentions the tar."""
+    tars = [t for t in url.split() if ".tar" in t]
+    return os.path.basename((tars[-1] if tars else url).rstrip("/"))
 
 
 # -------------------------------------------------------------------------------------------- the stream
