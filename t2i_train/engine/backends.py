@@ -125,7 +125,9 @@ class DDPBackend(Backend):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         self.raw.to(device)
-        self.wrapped = DDP(self.raw, device_ids=[device.index] if device.type == "cuda" else None)
+        # the MM-DiT's last text-stream outputs feed nothing: some parameters get no gradient
+        self.wrapped = DDP(self.raw, device_ids=[device.index] if device.type == "cuda" else None,
+                           find_unused_parameters=True)
         self.optimizer = build_optimizer(self.trainable(), cfg.optim)
 
     def backward(self, loss, boundary, poison=False):
@@ -145,6 +147,10 @@ class FSDPBackend(Backend):
         super().__init__(cfg, module, device)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if cfg.optim.name == "came":
+            # CAME keeps plain per-shard tensors that DCP would save as if replicated; resume would be wrong
+            raise ValueError("optim.name: 'came' is not supported with backend.name 'fsdp' (its per-shard factored "
+                             "state is not DCP-shardable); use optim.name=adamw or backend.name=deepspeed")
         self.raw.to(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
