@@ -17,7 +17,7 @@ import json
 import math
 import random
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
