@@ -169,7 +169,8 @@ class Trainer:
 
         self.cfg = cfg
         self.device = d.pick_device(cfg.backend.device)
-        d.init_distributed(self.device, cfg.backend.dist_backend, use_deepspeed=cfg.backend.name == "deepspeed")
+        d.init_distributed(self.device, cfg.backend.dist_backend, use_deepspeed=cfg.backend.name == "deepspeed",
+                           needs_group=cfg.backend.name != "single")
         self.global_batch = check_global_batch(cfg, d.world_size())
         self.run_dir = cfg.run_dir
         if d.is_main():

@@ -32,10 +32,27 @@ def pick_device(kind: str = "auto") -> torch.device:
     return dev
 
 
-def init_distributed(device: torch.device, backend: str = "auto", use_deepspeed: bool = False) -> None:
-    """Join the process group the launcher described in the environment (RANK/WORLD_SIZE/MASTER_ADDR)."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not use_deepspeed:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, backend: str = "auto", use_deepspeed: bool = False,
+                     needs_group: bool = False) -> None:
+    """Join the process group the launcher described in the environment (RANK/WORLD_SIZE/MASTER_ADDR).
+
+    Started without a launcher, backends that need a process group (FSDP2, DDP, DeepSpeed) get a 1-rank one.
+    """
+    if dist.is_initialized():
         return
+    if "RANK" not in os.environ:
+        if not (needs_group or use_deepspeed):
+            return
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if use_deepspeed:
