@@ -418,10 +418,10 @@ def collate(items: List[Dict], shared: bool = False) -> Dict:
     shape = (len(items), h, w, 3)  # channels last here; the main process makes NCHW while converting
     # In a worker: written in place in (recycled) shared memory, so the dataloader sends it without a copy.
     pix = _SHM_RING.take(shape) if shared else torch.empty(shape, dtype=torch.uint8)
-    with warnings.catch_warnings():  # the array is read-only; it is only read
+    with warnings.catch_warnings():  # the buffers are read-only; they are only read
         warnings.simplefilter("ignore", UserWarning)
         for i, it in enumerate(items):
-            pix[i].copy_(torch.from_numpy(np.asarray(it["pixels"])))
+            pix[i].copy_(torch.frombuffer(_rgb_bytes(it["pixels"]), dtype=torch.uint8).view(h, w, 3))
     batch = {"image": pix,
              "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
              "meta": [it["meta"] for it in items],
@@ -438,6 +438,22 @@ def collate(items: List[Dict], shared: bool = False) -> Dict:
             emb[i, :n], mask[i, :n] = it["text_emb"], it["text_mask"][:n]
         batch["text_emb"], batch["text_mask"] = emb, mask
     return batch
+
+
+def _rgb_bytes(img: Image.Image) -> bytes:
+    """Packed RGB bytes of ``img`` in one encoder call (``tobytes`` encodes in 64 KiB pieces and joins them)."""
+    try:
+        enc = Image._getencoder("RGB", "raw", "RGB")
+        try:
+            enc.setimage(img.im, (0, 0, *img.size))
+            _, err, data = enc.encode(img.width * img.height * 3 + 65536)
+        finally:
+            enc.cleanup()
+        if err > 0:  # finished in one call
+            return data
+    except Exception:  # noqa: BLE001 - private PIL API: fall back to the public one
+        pass
+    return img.tobytes()
 
 
 def to_float_image(pix: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -180,8 +180,15 @@ def test_class_labels_and_weighted_mixing(tmp_path):
     assert read_index(c2i)["classes"] == ["circle", "square", "triangle", "diamond"]
     b = next(iter(ShardLoader([c2i], 4, resolution=32, crop="adm")))
     assert b["label"].dtype == torch.long and b["label"].shape == (4,)
-    for lab, m in zip(b["label"].tolist(), b["meta"]):
+    for i, (lab, m) in enumerate(zip(b["label"].tolist(), b["meta"])):
         assert ["circle", "square", "triangle", "diamond"][lab] == m["objects"][0]["shape"]
+        # 32x32 images at 32: no resampling, so pixels come through exactly (ground truth survives the loader).
+        x0, y0, x1, y1 = m["objects"][0]["box"]
+        rgb = b["image"][i, :, (y0 + y1) // 2, (x0 + x1) // 2]
+        assert torch.allclose((rgb + 1) * 127.5, torch.tensor(m["objects"][0]["rgb"], dtype=torch.float32),
+                              atol=1e-3)
+        assert torch.allclose((b["image"][i, :, 0, 0] + 1) * 127.5, torch.tensor(m["background_rgb"]).float(),
+                              atol=1e-3) or x0 == 0 or y0 == 0
     # Mixing: weight 3:1, infinite streams; the first 80 samples follow the weights.
     mix = ShardLoader([{"path": c2i, "weight": 3.0}, {"path": t2i, "weight": 1.0}], 4, resolution=32,
                       require_caption=False)
