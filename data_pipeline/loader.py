@@ -27,17 +27,15 @@ import json
 import logging
 import os
 import random
-import re
 import tarfile
 import time
 import warnings
 from collections import Counter, OrderedDict
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import braceexpand
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -45,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.buckets import BucketSpec
 from data_pipeline.captions import MAIN_SOURCE, caption_dropout, captions_from_json, choose_caption
 from data_pipeline.shard_index import find_index, read_index
+from data_pipeline.tario import iter_shard, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -89,62 +88,9 @@ class DatasetSpec:
         if entry.get("index"):
             index = read_index(entry["index"])
             by_name = {s["name"]: s["count"] for s in index["shards"]}
-            counts = [by_name.get(_shard_name(u)) for u in urls]
+            counts = [by_name.get(shard_name(u)) for u in urls]
             counts = None if any(c is None for c in counts) else counts
         return cls(urls, counts, weight, entry.get("name", specs[0]))
-
-
-# ------------------------------------------------------------------------------------------- shard reading
-def iter_shard(url: str, skip: int = 0) -> Iterator[Tuple[int, Dict[str, bytes]]]:
-    """``(member_index, {ext: bytes, "__key__": key})`` for each sample of one tar, from ``skip`` on.
-
-    Opens through ``webdataset.gopen`` (local files, ``pipe:`` commands, http). Raises ``OSError`` /
-    ``tarfile.TarError`` when the shard cannot be opened or is truncated.
-    """
-    if _is_local(url):  # seekable: skipping members on resume does not read their data
-        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb", buffering=1 << 20)
-        mode = "r:"
-    else:
-        stream, mode = wds.gopen(url, "rb", bufsize=1 << 20), "r|*"
-    try:
-        tf = tarfile.open(fileobj=stream, mode=mode, bufsize=1 << 20)
-        cur_key, cur, idx = None, {}, -1
-        for m in tf:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            if "." not in base or base.startswith("."):
-                continue
-            key, ext = base.split(".", 1)
-            key = os.path.join(os.path.dirname(m.name), key)
-            if key != cur_key:
-                if cur_key is not None and idx >= skip:
-                    yield idx, cur
-                idx, cur_key, cur = idx + 1, key, {"__key__": key}
-            if idx >= skip:
-                cur[ext.lower()] = tf.extractfile(m).read()
-        # A complete tar ends with two zero blocks and tarfile stops after reading the first one; a tar cut
-        # on a header boundary ends silently instead, so check the second block is there before trusting
-        # the last sample.
-        if len(tf.fileobj.read(512)) < 512:
-            raise tarfile.ReadError(f"{url}: truncated tar (no end-of-archive marker)")
-        if cur_key is not None and idx >= skip:
-            yield idx, cur
-    finally:
-        try:
-            stream.close()
-        except Exception as e:  # noqa: BLE001 - a pipe closed early exits non-zero (SIGPIPE); nothing is lost
-            log.debug("closing %s: %r", url, e)
-
-
-def _is_local(url: str) -> bool:
-    return url.startswith("file:") or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url)
-
-
-def _shard_name(url: str) -> str:
-    """``name-000001.tar`` for a path, an URL or a ``pipe:`` command that mentions the tar."""
-    tars = [t for t in url.split() if ".tar" in t]
-    return os.path.basename((tars[-1] if tars else url).rstrip("/"))
 
 
 # -------------------------------------------------------------------------------------------- the stream
@@ -213,14 +159,14 @@ class _Cursor:
                 expected = self.ds.counts[shard] if self.ds.counts else None
                 if expected is not None and self.offset < expected:  # tar ended early on a header boundary
                     self.counters["truncated_shard"] += 1
-                    self.warn("truncated_shard", _shard_name(url), f"after member {self.offset}",
+                    self.warn("truncated_shard", shard_name(url), f"after member {self.offset}",
                               f"{expected} samples in the index")
                 self._advance_shard()
                 continue
             except (OSError, tarfile.TarError, EOFError, ValueError) as e:
                 reason = "unreadable_shard" if self.offset == 0 else "truncated_shard"
                 self.counters[reason] += 1
-                self.warn(reason, _shard_name(url), f"after member {self.offset}", repr(e))
+                self.warn(reason, shard_name(url), f"after member {self.offset}", repr(e))
                 self._advance_shard()
                 continue
             self.offset = member + 1
@@ -307,7 +253,7 @@ class _Stream:
     # ---- per-sample processing (deterministic in the locator)
     def process(self, sample: Dict, count: bool = True) -> Optional[Dict]:
         cfg, loc = self.cfg, tuple(sample["__loc__"])
-        key, shard = sample.get("__key__", "?"), _shard_name(sample.get("__url__", "?"))
+        key, shard = sample.get("__key__", "?"), shard_name(sample.get("__url__", "?"))
         prng = random.Random("sample-{}-{}-{}-{}-{}".format(cfg["seed"], *loc))
 
         def bad(reason, detail=""):

@@ -17,6 +17,8 @@ from typing import Dict, Iterator, List, Optional
 
 import braceexpand
 
+from data_pipeline.tario import iter_shard
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
 _IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "url")
@@ -129,37 +131,18 @@ def expand_shard_spec(spec: str) -> List[str]:
 
 
 def wds_records(spec: str) -> Iterator[Dict]:
-    """Samples of existing WebDataset / img2dataset shards (re-shard, filter)."""
+    """Samples of existing WebDataset / img2dataset shards (re-shard, filter). A shard that cannot be opened
+    or is cut short becomes one error record (the builder counts it); its complete samples are kept."""
     for url in expand_shard_spec(spec):
+        got = 0
         try:
-            tf = tarfile.open(url, mode="r|*")
-        except (OSError, tarfile.TarError) as e:
-            yield {"key": os.path.basename(url), "image": None, "error": "unreadable_shard", "origin": url,
-                   "detail": repr(e)}
-            continue
-        current, cur_key = {}, None
-        try:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                if "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(member.name), key)
-                if cur_key is not None and key != cur_key:
-                    yield _wds_sample_to_record(cur_key, current, url)
-                    current = {}
-                cur_key = key
-                current[ext.lower()] = tf.extractfile(member).read()
-        except (OSError, tarfile.TarError, EOFError) as e:
-            yield {"key": os.path.basename(url), "image": None, "error": "truncated_shard", "origin": url,
-                   "detail": repr(e)}
-            current = {}  # the sample being read when the tar broke is incomplete
-        finally:
-            tf.close()
-        if current:
-            yield _wds_sample_to_record(cur_key, current, url)
+            for _, members in iter_shard(url):
+                got += 1
+                key = members.pop("__key__")
+                yield _wds_sample_to_record(key, members, url)
+        except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+            yield {"key": os.path.basename(url), "image": None, "origin": url, "detail": repr(e),
+                   "error": "truncated_shard" if got else "unreadable_shard"}
 
 
 def _wds_sample_to_record(key: str, members: Dict[str, bytes], url: str) -> Dict:

@@ -121,11 +121,15 @@ def test_reshard_wds_and_imagenet_tree(tmp_path):
                                   for i in range(4)])
     write_tar(src / "00001.tar", [("00004", {"jpg": jpeg_bytes(), "txt": b""})])  # caption-less
     (src / "00002.tar").write_bytes(b"not a tar at all")
-    recs, _, _ = records_for(str(src / "{00000..00002}.tar"))
+    write_tar(src / "00003.tar", [(f"t{i}", {"png": png_bytes(), "txt": b"cut"}) for i in range(3)])
+    blob = (src / "00003.tar").read_bytes()
+    (src / "00003.tar").write_bytes(blob[: 4 * 1024 + 300])  # t0 complete, t1 cut inside its caption
+    recs, _, _ = records_for(str(src / "{00000..00003}.tar"))
     stats = build_shards(recs, str(tmp_path / "re"), samples_per_shard=2, progress=False)
-    assert stats["written"] == 4 and stats["skipped"] == {"no_caption": 1, "unreadable_shard": 1}
+    assert stats["written"] == 5, stats
+    assert stats["skipped"] == {"no_caption": 1, "unreadable_shard": 1, "truncated_shard": 1}
     _, samples = _all_samples(str(tmp_path / "re"))
-    assert samples["00002"]["txt"] == b"c2"
+    assert samples["00002"]["txt"] == b"c2" and "t0" in samples and "t1" not in samples
 
     tree = tmp_path / "imagenet"
     for syn in ("n01440764", "n01443537"):
