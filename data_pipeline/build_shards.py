@@ -34,8 +34,8 @@ _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 class BuildOptions:
     def __init__(self, min_side: int = 0, max_side: Optional[int] = None, reencode: bool = False,
-                 require_caption: bool = True, jpeg_quality: int = 95):
-        self.min_side, self.max_side, self.reencode = min_side, max_side, reencode
+                 require_caption: bool = True, jpeg_quality: int = 95, min_score: Optional[float] = None):
+        self.min_side, self.max_side, self.reencode, self.min_score = min_side, max_side, reencode, min_score
         self.require_caption, self.jpeg_quality = require_caption, jpeg_quality
 
 
@@ -46,6 +46,9 @@ def prepare_sample(record: Dict, opts: BuildOptions) -> Tuple[str, object]:
     caps = {k: v.strip() for k, v in (record.get("captions") or {}).items() if isinstance(v, str) and v.strip()}
     if opts.require_caption and not caps:
         return "skip", ("no_caption", "")
+    scores = [float(v) for v in (record.get("scores") or {}).values() if v is not None]
+    if opts.min_score is not None and scores and max(scores) < opts.min_score:
+        return "skip", ("low_score", f"best score {max(scores)}")
     src = record.get("image")
     try:
         if isinstance(src, (bytes, bytearray)):
@@ -250,6 +253,8 @@ def main(argv=None):
     p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is smaller")
     p.add_argument("--max-side", type=int, default=None, help="downscale (re-encode) images above this long side")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="skip samples whose best caption score is below this (samples without scores are kept)")
     p.add_argument("--no-caption-ok", action="store_true", help="keep caption-less samples (class-conditional)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--resume", action="store_true", help="keep complete shards, rebuild from the first partial one")
@@ -257,7 +262,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     records, classes, require_caption = records_for(a.source, a.kind)
-    opts = BuildOptions(min_side=a.min_side, max_side=a.max_side, reencode=a.reencode,
+    opts = BuildOptions(min_side=a.min_side, max_side=a.max_side, reencode=a.reencode, min_score=a.min_score,
                         require_caption=require_caption and not a.no_caption_ok)
     stats = build_shards(records, a.out, name=a.name, samples_per_shard=a.samples_per_shard, opts=opts,
                          workers=a.workers, resume=a.resume, classes=classes, progress=not a.quiet)

@@ -111,6 +111,10 @@ def test_manifest_sources(tmp_path, fmt):
     _, samples = _all_samples(str(tmp_path / "out"))
     meta = json.loads(samples["m2"]["json"])
     assert meta["captions"] == {"prompt": "cap 2", "vlm": "vlm 2"} and meta["scores"]["vlm"] == 27.5
+    # Filter on the caption scores.
+    recs, _, _ = records_for(str(path))
+    stats = build_shards(recs, str(tmp_path / "filtered"), opts=BuildOptions(min_score=28.0), progress=False)
+    assert stats["written"] == 0 and stats["skipped"] == {"low_score": 5, "unreadable": 1}  # scoreless row kept
 
 
 def test_reshard_wds_and_imagenet_tree(tmp_path):

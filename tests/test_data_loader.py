@@ -264,3 +264,26 @@ def test_bench_runs_end_to_end(tmp_path):
     for k in ("floor", "loader_1worker", "loader_inprocess"):
         assert r["images_per_s"][k]["wall"] > 0 and r["images_per_s"][k]["cpu"] > 0
     assert r["ratio_1worker"]["cpu"] > 0
+
+
+def test_loader_applies_clip_score_caption_rule(tmp_path):
+    import json as _json
+
+    from data_fixtures import png_bytes
+    d = tmp_path / "caps"
+    d.mkdir()
+    samples = []
+    for i in range(40):
+        meta = {"width": 24, "height": 24, "captions": {"prompt": f"short {i}", "vlm": f"long {i}", "other": f"o {i}"},
+                "scores": {"prompt": 20.0, "vlm": 30.0, "other": 29.0}}
+        samples.append((f"c{i}", {"png": png_bytes(), "txt": f"short {i}".encode(),
+                                  "json": _json.dumps(meta).encode()}))
+    write_tar(d / "x.tar", samples)
+    write_index(str(d), [("x.tar", 40)])
+    loader = ShardLoader([str(d)], 8, resolution=16, epochs=1, clip_thr=25.0, clip_thr_temperature=0.1)
+    batches = list(loader)
+    sources = Counter(m["caption_source"] for b in batches for m in b["meta"])
+    assert set(sources) == {"vlm", "other"} and sum(sources.values()) == 40
+    for b in batches:
+        for k, c, m in zip(b["key"], b["caption"], b["meta"]):
+            assert c == {"vlm": f"long {k[1:]}", "other": f"o {k[1:]}"}[m["caption_source"]]
