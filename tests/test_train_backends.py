@@ -1,4 +1,4 @@
-"""2-rank CPU (gloo) tests of the trainer: DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 overfit a fixed batch, agree with
+"""2-rank CPU (gloo) tests of the trainer: DeepSpeed ZeRO-2, ZeRO-3, FSDP2 and DDP overfit a fixed batch, agree with
 single-process training, skip an injected NaN, and a SIGKILLed run resumes to the same losses step for step.
 
 Agreement set-up: the single process accumulates 2 micro-batches of 2; the 2-rank runs take 1 micro-batch of 2
@@ -24,7 +24,9 @@ PY = sys.executable
 BIN = Path(PY).parent
 STEPS = 40
 NAN_STEP = 7
-AGREE_RTOL = 1e-4  # measured: ~1e-7 (see the report in the commit message / INTERFACES note)
+# measured max relative loss difference over 40 steps (fp32, lr 1e-2): ZeRO-2 5.7e-8, ZeRO-3 1.3e-5,
+# FSDP2 1.7e-5, DDP 6.2e-6, ZeRO-2 with 2-step accumulation 5.0e-5
+AGREE_RTOL = 3e-4
 
 
 def env():
@@ -59,11 +61,11 @@ def write_config(tmp: Path, run_name: str, **backend) -> Path:
     return path
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # a resumed run re-logs steps; the last record wins
+        out[rec["step"]] = rec[key]  # a resumed run re-logs steps; the last record wins
     return out
 
 
@@ -86,23 +88,25 @@ dist.shutdown()
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("backends")
-    single = write_config(tmp, "single", name="single", micro_batch=2, grad_accum=2)
-    r = subprocess.run([PY, "-m", "t2i_train.train", "--config", str(single)], env=env(), cwd=tmp,
+    (tmp / "worker.py").write_text(WORKER)
+    singles = [write_config(tmp, "single", name="single", micro_batch=2, grad_accum=2),
+               write_config(tmp, "single_accum4", name="single", micro_batch=1, grad_accum=4)]
+    r = subprocess.run([PY, str(tmp / "worker.py"), *map(str, singles)], env=env(), cwd=tmp,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     cfgs = [write_config(tmp, "zero2", name="deepspeed", zero_stage=2),
             write_config(tmp, "zero3", name="deepspeed", zero_stage=3),
-            write_config(tmp, "fsdp", name="fsdp")]
-    worker = tmp / "worker.py"
-    worker.write_text(WORKER)
+            write_config(tmp, "fsdp", name="fsdp"),
+            write_config(tmp, "ddp", name="ddp"),
+            write_config(tmp, "zero2_accum2", name="deepspeed", zero_stage=2, micro_batch=1, grad_accum=2)]
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                        str(worker), *map(str, cfgs)], env=env(), cwd=tmp, capture_output=True, text=True,
+                        str(tmp / "worker.py"), *map(str, cfgs)], env=env(), cwd=tmp, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return tmp / "runs"
 
 
-@pytest.mark.parametrize("name", ["single", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("name", ["single", "zero2", "zero3", "fsdp", "ddp"])
 def test_overfits_fixed_batch(runs, name):
     ls = losses(runs / name)
     assert sorted(ls) == list(range(1, STEPS + 1))
@@ -111,20 +115,27 @@ def test_overfits_fixed_batch(runs, name):
     assert last < 0.5 * first, (name, first, last)
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "ddp", "zero2_accum2"])
 def test_backends_agree_with_single_process(runs, name):
-    ref, got = losses(runs / "single"), losses(runs / name)
+    """Same global batch (4) and micro-shards: 2 ranks × 2 vs 1 × (2 + 2); 2 ranks × (1 + 1) vs 1 × 4 × 1."""
+    single = "single_accum4" if name.endswith("accum2") else "single"
+    ref, got = losses(runs / single), losses(runs / name)
     worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref if math.isfinite(ref[s]))
     assert worst < AGREE_RTOL, (name, worst)
-    a = load_file(str(runs / "single" / "export" / "ema" / "model.safetensors"))
+    # Adam hides a wrong gradient scale from the losses; the global grad norm (before clipping) does not
+    gref, ggot = losses(runs / single, "grad_norm"), losses(runs / name, "grad_norm")
+    gworst = max(abs(ggot[s] - gref[s]) / gref[s] for s in gref if math.isfinite(gref[s]))
+    assert gworst < 10 * AGREE_RTOL, (name, gworst)
+    a = load_file(str(runs / single / "export" / "ema" / "model.safetensors"))
     b = load_file(str(runs / name / "export" / "ema" / "model.safetensors"))
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff < 1e-4, (name, diff)
-    print(f"[agreement] {name}: max rel loss diff {worst:.2e} over {STEPS} steps, max |EMA diff| {diff:.2e}")
+    assert diff < AGREE_RTOL, (name, diff)
+    print(f"[agreement] {name}: max rel diff over {STEPS} steps: loss {worst:.2e}, grad norm {gworst:.2e}; "
+          f"max |EMA weight diff| {diff:.2e}")
 
 
-@pytest.mark.parametrize("name", ["single", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("name", ["single", "zero2", "zero3", "fsdp", "ddp", "zero2_accum2"])
 def test_nan_is_skipped(runs, name):
     ev = [e for e in events(runs / name) if e["event"] == "skipped_update"]
     assert [(e["step"], e["reason"]) for e in ev] == [(NAN_STEP, "nonfinite_loss")]
