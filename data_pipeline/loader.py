@@ -421,6 +421,8 @@ class _ShmRing:
         self.depth, self.max_bytes, self.rings = depth, max_bytes, OrderedDict()
 
     def take(self, shape) -> torch.Tensor:
+        if self.max_bytes <= 0:
+            return torch.empty(shape, dtype=torch.uint8).share_memory_()
         ring = self.rings.pop(shape, None) or []
         if len(ring) < self.depth:
             buf = torch.empty(shape, dtype=torch.uint8).share_memory_()
@@ -472,7 +474,7 @@ class _StreamsDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
-        _SHM_RING.depth = self.cfg["shm_ring_depth"]
+        _SHM_RING.depth, _SHM_RING.max_bytes = self.cfg["shm_ring_depth"], self.cfg["shm_ring_bytes"]
         cfg = self.cfg
         first = cfg["rank"] * cfg["streams_per_rank"]
         sids = [first + l for l in range(cfg["streams_per_rank"]) if l % nw == w]
@@ -507,7 +509,8 @@ class ShardLoader:
                  streams_per_rank: Optional[int] = None, clip_thr: float = 0.0, clip_thr_temperature: float = 1.0,
                  caption_proportion: Optional[Dict[str, float]] = None, text_dropout: float = 0.0,
                  use_text_emb: bool = False, require_caption: Optional[bool] = None, prefetch_factor: int = 2,
-                 pin_memory: bool = False, mp_context: Optional[str] = None, image_dtype: str = "float32"):
+                 pin_memory: bool = False, mp_context: Optional[str] = None, image_dtype: str = "float32",
+                 shm_ring_bytes: int = 1 << 30):
         self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d) for d in datasets]
         spr = streams_per_rank or max(1, num_workers)
         self.cfg = {"batch_size": int(batch_size), "rank": int(rank), "world_size": int(world_size),
@@ -518,7 +521,7 @@ class ShardLoader:
                     "clip_thr": float(clip_thr), "clip_thr_temperature": float(clip_thr_temperature),
                     "caption_proportion": caption_proportion, "text_dropout": float(text_dropout),
                     "use_text_emb": bool(use_text_emb), "require_caption": require_caption,
-                    "shm_ring_depth": int(prefetch_factor) + 3}
+                    "shm_ring_depth": int(prefetch_factor) + 3, "shm_ring_bytes": int(shm_ring_bytes)}
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         if image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be float32 or uint8, got {image_dtype!r}")
