@@ -131,6 +131,10 @@ def test_deepspeed_json_generated_and_checked(tmp_path):
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["stage"] == 3
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["zero_allow_untested_optimizer"] is False
+    came = load_config(None, ["backend.name=deepspeed", "optim.name=came", "optim.betas=[0.9,0.999,0.9999]",
+                              "optim.eps=[1.0e-30,1.0e-16]"])
+    assert deepspeed_config(came, world_size=1)["zero_allow_untested_optimizer"] is True  # DeepSpeed refuses CAME else
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
                                 "train_micro_batch_size_per_gpu": 4}))

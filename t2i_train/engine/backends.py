@@ -196,6 +196,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "zero_optimization": {"stage": b.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
         "bf16": {"enabled": b.precision == "bf16"},
+        "zero_allow_untested_optimizer": cfg.optim.name != "adamw",  # CAME is our own torch.optim.Optimizer
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -209,6 +210,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         if k in theirs and theirs[k] != ours[k]:
             raise ValueError(f"{path}: {k} = {theirs[k]} contradicts the run config ({ours[k]})")
         theirs[k] = ours[k]
+    theirs.setdefault("zero_allow_untested_optimizer", ours["zero_allow_untested_optimizer"])
     for k in ("optimizer", "scheduler"):
         if k in theirs:
             raise ValueError(f"{path}: remove '{k}'; the optimizer and schedule come from the run config")
