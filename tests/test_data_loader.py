@@ -287,3 +287,20 @@ def test_loader_applies_clip_score_caption_rule(tmp_path):
     for b in batches:
         for k, c, m in zip(b["key"], b["caption"], b["meta"]):
             assert c == {"vlm": f"long {k[1:]}", "other": f"o {k[1:]}"}[m["caption_source"]]
+
+
+def test_recycled_worker_buffers_never_corrupt_batches(synth_long):
+    """One bucket shape, many batches: the worker's shared-memory ring wraps around many times."""
+    import time as _time
+
+    def run(workers, slow):
+        out, held = [], []
+        for b in _loader(synth_long, workers=workers, bucket_mode="fixed", resolution=32, batch_size=2,
+                         streams_per_rank=1):
+            out.append(_summ(b))
+            held = [b] + held[:1]  # the trainer may keep the previous batch a little
+            if slow:
+                _time.sleep(0.01)
+        return out
+
+    assert run(1, slow=True) == run(0, slow=False)
