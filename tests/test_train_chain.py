@@ -109,3 +109,20 @@ spike_guard: {{inject_nan_at: [9, 10, 11], max_consecutive: 3, min_history: 3}}
     assert m[-1]["step"] == 14 and m[-1]["rollbacks"] == 1
     w = load_file(str(tmp_path / "runs" / "guard" / "export" / "ema" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_sigkill_resume_with_the_real_loader(demo_data, tmp_path):
+    """Single process on the shard loader: killed after step 7 (checkpoint at 5), resumed: same losses."""
+    base = ["logging.every=1", "logging.val_every=0", "checkpoint.every=5", "run.max_steps=10",
+            f"data.loader.datasets=[{demo_data}/data/demo/t2i]", f"run.output_dir={tmp_path}/runs"]
+    train("configs/demo/t2i_tiny_512.yaml", tmp_path, "run.name=ref", *base)
+    r = subprocess.run([PY, "-m", "t2i_train.train", "--config", str(REPO / "configs/demo/t2i_tiny_512.yaml"),
+                        "logging.tqdm=false", "run.name=killed", "run.debug_kill_at_step=7", *base], env=env(),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9
+    train("configs/demo/t2i_tiny_512.yaml", tmp_path, "run.name=killed", *base)
+    ref = {m["step"]: m["loss"] for m in jsonl(tmp_path / "runs" / "ref" / "metrics.jsonl")}
+    got = {m["step"]: m["loss"] for m in jsonl(tmp_path / "runs" / "killed" / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, 11)) and got == ref
+    start = [e for e in jsonl(tmp_path / "runs" / "killed" / "events.jsonl") if e["event"] == "start"]
+    assert start[-1]["resumed_from"].endswith("step_00000005")
