@@ -95,3 +95,18 @@ def test_dinov2_teacher_loads_local_weights(tmp_path, random_teacher):
     assert torch.allclose(feats.mean(-1), torch.full((1, 1), 0.5), atol=1e-4)
     loaded.to(torch.bfloat16)  # float32 images into a bf16 teacher
     assert loaded(torch.zeros(1, 3, 16, 16), (1, 1)).dtype == torch.bfloat16
+
+
+def test_objective_reads_patch_size_through_wrappers():
+    class Wrapper(torch.nn.Module):  # like DDP: attributes live on .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    model = build_model("pixeldit_tiny_c2i", repa_block=2)
+    obj = FlowObjective({"repa_weight": 0.5, "repa_block": 2}, model.hidden_size, teacher=FakeTeacher())
+    out = obj.loss(Wrapper(model), torch.zeros(1, 3, 16, 16), torch.tensor([3]))
+    assert out["repa_loss"] is not None and obj.teacher.grids == [(2, 2)]

@@ -95,7 +95,7 @@ class FlowObjective(nn.Module):
         mse = per_sample.mean()
         out = dict(loss=mse, mse=mse.detach(), repa_loss=None, per_sample=per_sample.detach(), t=t.detach())
         if hidden is not None:
-            patch = int(model.patch_size)
+            patch = int(_model_attr(model, "patch_size"))
             grid = (images.shape[-2] // patch, images.shape[-1] // patch)
             if hidden.shape[1] != grid[0] * grid[1]:
                 raise ValueError(f"REPA hidden state has {hidden.shape[1]} tokens, expected {grid[0]}x{grid[1]} "
@@ -106,6 +106,13 @@ class FlowObjective(nn.Module):
             out["loss"] = mse + cfg.repa_weight * r
             out["repa_loss"] = r.detach()
         return out
+
+
+def _model_attr(model: nn.Module, name: str):
+    """Read an attribute through DDP / DeepSpeed style wrappers (`.module`)."""
+    while not hasattr(model, name) and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, name)
 
 
 class ConditionDropout:
