@@ -18,6 +18,10 @@ seeded by the locator, so a restored sample is bit-identical to the one that was
 Exactly once: in epoch ``e`` of a dataset, its shards are permuted with ``(seed, dataset, e)`` and stream
 ``g`` of ``G`` takes shards ``g, g+G, ...``; with fewer shards than streams every stream reads all shards
 and keeps sample ``i`` (global position in the epoch) when ``i % G == g`` (needs the dataset index).
+
+Transport: a worker writes each batch as uint8 NHWC into recycled shared memory (a fresh segment per batch
+costs a page fault per 4 KiB); the main process turns it into float32 NCHW in [-1, 1] on arrival (or hands
+out uint8 with ``image_dtype="uint8"`` for normalising on the accelerator).
 """
 from __future__ import annotations
 
@@ -267,7 +271,7 @@ class _Stream:
             try:
                 meta = json.loads(sample["json"])
             except ValueError as e:
-                bad("bad_json", repr(e)) if count else None
+                bad("bad_json", repr(e))
                 meta = {}
         txt = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else None
         label = meta.get("label")
