@@ -82,7 +82,7 @@ class OptimConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     step_downs: list[StepDown] = field(default_factory=list)
-    override_lr_on_resume: bool = False  # unused on init_from; kept for reference parity
+    # lr and clip are functions of the step and this config, so a changed lr takes effect on resume as well
 
 
 @dataclass

@@ -252,6 +252,7 @@ class Trainer:
                 raise ValueError("T2I batch has no text_emb and no text.encoder is configured")
             cond = cond.to(self.device, torch.float32)
             mask = None if mask is None else mask.to(self.device)
+            cond, mask = self._pad_text(cond, mask)
             cond, mask = self.cond_drop(cond, mask, generator=gen)
             if not self.cfg.text.use_mask:
                 mask = None
@@ -260,6 +261,20 @@ class Trainer:
                 raise ValueError("class-conditional batch has no 'label'")
             cond, mask = self.cond_drop(batch["label"].to(self.device), None, generator=gen)
         return images, cond, mask
+
+    def _pad_text(self, cond: torch.Tensor, mask: torch.Tensor | None):
+        """Cached embeddings are padded to the longest caption of the batch; bring them to the null's length."""
+        L = self.cond_drop.null_emb.shape[0]
+        if cond.shape[1] == L:
+            return cond, mask
+        if cond.shape[1] > L:
+            raise ValueError(f"text embeddings have {cond.shape[1]} tokens, more than the configured {L}")
+        b, n, dim = cond.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.long, device=cond.device)
+        cond = torch.cat([cond, cond.new_zeros(b, L - n, dim)], 1)
+        mask = torch.cat([mask, mask.new_zeros(b, L - n)], 1)
+        return cond, mask
 
     def _generator(self, step: int, shard: int) -> torch.Generator:
         g = torch.Generator(self.device)
