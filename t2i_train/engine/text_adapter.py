@@ -31,7 +31,7 @@ class HashTextEncoder:
         return self.encode([prompt])
 
 
-def build_text_encoder(text_cfg, txt_dim: int, device):
+def build_text_encoder(text_cfg, txt_dim: int, txt_len: int, device):
     name = text_cfg.encoder
     if name is None:
         return None
@@ -39,7 +39,7 @@ def build_text_encoder(text_cfg, txt_dim: int, device):
         dim = int(name.split(":", 1)[1]) if ":" in name else txt_dim
         if dim != txt_dim:
             raise ValueError(f"text.encoder: {name} gives {dim}-d embeddings, the model expects {txt_dim}")
-        return HashTextEncoder(dim, text_cfg.max_length)
+        return HashTextEncoder(dim, min(text_cfg.max_length, txt_len))
     from t2i_train.text import GemmaTextEncoder
 
     return GemmaTextEncoder(name, max_length=text_cfg.max_length, device=device)
