@@ -95,3 +95,26 @@ def test_errors_are_clear(tmp_path, c2i_ckpt):
         sample_main(["--ckpt", c2i_ckpt, "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="class indices"):
         sample_main(["--ckpt", c2i_ckpt, "--out", str(tmp_path), "--prompt", "a cat"])
+
+
+def test_torchrun_two_ranks_match_single_process(tmp_path, c2i_ckpt):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--ckpt", c2i_ckpt, "--classes", "1,2,3", "--steps", "2", "--resolution", "16", "--dtype", "float32",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "t2i_train.sample", *args, "--out", str(tmp_path / "dist")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sample_main(args + ["--out", str(tmp_path / "one")]) == 0
+    s = json.loads((tmp_path / "dist" / "settings.json").read_text())
+    assert s["world_size"] == 2 and len(s["images"]) == 3
+    for i in range(3):
+        assert np.array_equal(_png(tmp_path / "dist" / f"{i:05d}.png"), _png(tmp_path / "one" / f"{i:05d}.png"))
