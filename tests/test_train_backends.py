@@ -106,13 +106,15 @@ def runs(tmp_path_factory):
     return tmp / "runs"
 
 
-@pytest.mark.parametrize("name", ["single", "zero2", "zero3", "fsdp", "ddp"])
+@pytest.mark.parametrize("name", ["single", "zero2", "zero3", "fsdp", "ddp", "zero2_accum2"])
 def test_overfits_fixed_batch(runs, name):
     ls = losses(runs / name)
     assert sorted(ls) == list(range(1, STEPS + 1))
     first = sum(ls[s] for s in (1, 2, 3)) / 3
     last = sum(ls[s] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert last < 0.5 * first, (name, first, last)
+    print(f"[overfit] {name}: mean loss steps 1-3 {first:.4f} -> steps {STEPS - 4}-{STEPS} {last:.4f} "
+          f"(x{last / first:.3f})")
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "ddp", "zero2_accum2"])
