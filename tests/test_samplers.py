@@ -41,17 +41,17 @@ def exact_endpoint(x_start, t_start):
     return MU.double() + STD.double() * (x_start.double() - t_start * MU.double()) / var.sqrt()
 
 
-def endpoint_error(name, steps, shift, noise, spacing="uniform"):
+def endpoint_error(name, steps, shift, noise, spacing="uniform", **kw):
     model = GaussianVelocity(MU, STD)
-    cfg = SamplerConfig(name=name, steps=steps, shift=shift, spacing=spacing)
+    cfg = SamplerConfig(name=name, steps=steps, shift=shift, spacing=spacing, **kw)
     out = sample(model, noise, torch.zeros(noise.shape[0], dtype=torch.long), cfg=cfg)
     t0 = float(time_grid(name, steps, shift, spacing)[0])
     return (out.double() - exact_endpoint(noise, t0)).abs().mean().item()
 
 
-def order_slope(name, shift, spacing="uniform", steps=(32, 64, 128, 256)):
+def order_slope(name, shift, spacing="uniform", steps=(32, 64, 128, 256), **kw):
     noise = make_noise(range(64), (4,))
-    errs = [endpoint_error(name, n, shift, noise, spacing) for n in steps]
+    errs = [endpoint_error(name, n, shift, noise, spacing, **kw) for n in steps]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     return -np.polyfit(np.log(steps), np.log(errs), 1)[0], errs
 
@@ -74,6 +74,12 @@ EXPECTED_ORDER = {"euler": 1.0, "heun": 2.0, "flow_dpm_solver": 2.0}
 def test_endpoint_error_falls_at_solver_order(name, shift):
     slope, errs = order_slope(name, shift)
     assert abs(slope - EXPECTED_ORDER[name]) < 0.15, (slope, errs)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_exact_heun_is_second_order(shift):
+    slope, errs = order_slope("heun", shift, heun_exact=True)
+    assert abs(slope - 2.0) < 0.15, (slope, errs)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
