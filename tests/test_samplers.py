@@ -4,7 +4,6 @@ Data x ~ N(μ, s²) per coordinate, ε ~ N(0, 1): x_t = t·x + (1 − t)·ε has
 optimal velocity is v(x_t, t) = μ + (t·s² − (1 − t)) / V(t) · (x_t − t·μ), and the ODE started at x_a at time a
 ends at μ + s·(x_a − a·μ) / √V(a).
 """
-import math
 
 import numpy as np
 import pytest
