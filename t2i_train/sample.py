@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shift", type=float, help="time shift (default: the training shift for the resolution)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--negative-prompt", default="", help="T2I: the unconditional prompt (default empty)")
-    ap.add_argument("--text-encoder", default="google/gemma-2-2b-it", help="T2I: Gemma-2 local path or hub id")
+    ap.add_argument("--text-encoder", default="google/gemma-2-2b-it", help="T2I: Gemma-2 local path or hub id (or hash:DIM, the CPU demo's stand-in)")
     ap.add_argument("--no-chi", action="store_true", help="T2I: do not prepend the complex human instruction")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--batch-size", type=int, default=8)
@@ -167,11 +167,21 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder = None
     if model.is_t2i:
-        from .text.gemma import CHI_PROMPT, GemmaTextEncoder
+        if args.text_encoder.startswith("hash"):
+            # the CPU demo's stand-in encoder (t2i_train.engine.text_adapter), as in its training config
+            from .engine.text_adapter import HashTextEncoder
 
-        encoder = GemmaTextEncoder(args.text_encoder, max_length=int(model.config["txt_len"]),
-                                   chi_prompt=None if args.no_chi else CHI_PROMPT, device=device,
-                                   batch_size=args.batch_size)
+            dim = int(args.text_encoder.split(":", 1)[1]) if ":" in args.text_encoder else model.config["txt_dim"]
+            if dim != model.config["txt_dim"]:
+                raise SystemExit(f"t2i-sample: --text-encoder {args.text_encoder} gives {dim}-d embeddings, "
+                                 f"the model expects {model.config['txt_dim']}")
+            encoder = HashTextEncoder(dim, int(model.config["txt_len"]))
+        else:
+            from .text.gemma import CHI_PROMPT, GemmaTextEncoder
+
+            encoder = GemmaTextEncoder(args.text_encoder, max_length=int(model.config["txt_len"]),
+                                       chi_prompt=None if args.no_chi else CHI_PROMPT, device=device,
+                                       batch_size=args.batch_size)
         null_emb, null_mask = encoder.encode_null(args.negative_prompt)
 
     from tqdm import tqdm
