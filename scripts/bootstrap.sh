@@ -13,11 +13,21 @@ want="$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+log=.venv/install.log
+: > "$log"
+pipi() {
+  if ! .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" | tail -n 40 >&2
+    echo "bootstrap: pip install $* failed (full log: $log)" >&2
+    exit 1
+  fi
+}
+echo "bootstrap: installing into .venv (log: $log)"
+pipi --upgrade pip
+pipi torch==2.14.1 torchvision==0.29.1
 # DeepSpeed's build imports torch: build it against the torch already in the venv (no isolated build env).
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation deepspeed
-.venv/bin/python -m pip install -q -e ".[dev]"
+DS_BUILD_OPS=0 pipi --no-build-isolation deepspeed
+pipi -e ".[dev]"
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.14.1"), f"unexpected torch {torch.__version__}"
