@@ -160,6 +160,18 @@ def test_flops_cli(capsys):
     assert out["gflops"] == pytest.approx(311.19, rel=1e-3) and out["params_M"] == pytest.approx(797.38, abs=0.01)
 
 
+def test_flops_cli_config_resolves_extends(capsys):
+    """configs/t2i_1024.yaml names no model itself: it extends the 512 stage, so the T2I model is counted."""
+    from pathlib import Path
+
+    from t2i_train.tools.flops import main
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "t2i_1024.yaml"
+    main(["--config", str(cfg), "--height", "1024", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["params_M"] == pytest.approx(1302.47, abs=0.01) and out["gflops"] == pytest.approx(6183.1, rel=1e-3)
+
+
 def test_repa_hidden_state_is_block_k():
     m = _c2i(repa_block=1)
     x, t, y = torch.randn(2, 3, 16, 24), torch.rand(2), torch.tensor([1, 2])

@@ -41,18 +41,12 @@ def count_forward_flops(model, height: int, width: int, batch: int = 1, text_tok
     return counter.get_total_flops()
 
 
-def _load_yaml_model(path: str) -> dict:
-    import yaml
+def _load_run_model(path: str) -> dict:
+    """The model a run YAML trains, resolved like the trainer does (`extends:`, spec + overrides)."""
+    from ..config import load_config
 
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    if "model" not in cfg:
-        raise SystemExit(f"{path}: no 'model:' section")
-    m = dict(cfg["model"])
-    # The trainer's model section may carry training-only switches; keep the architecture keys.
-    for k in ("init_from", "compile"):
-        m.pop(k, None)
-    return m
+    cfg = load_config(path, [])
+    return model_config(cfg.model.spec, **dict(cfg.model.overrides))
 
 
 def main(argv=None):
@@ -67,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--backward", action="store_true", help="count forward + backward")
     ap.add_argument("--json", action="store_true", help="print a JSON line")
     args = ap.parse_args(argv)
-    spec = args.preset if args.preset else _load_yaml_model(args.config)
+    spec = args.preset if args.preset else _load_run_model(args.config)
     width = args.width or args.height
     with torch.device("meta"):
         model = build_model(model_config(spec))
