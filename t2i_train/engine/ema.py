@@ -35,10 +35,22 @@ class ShardedEMA:
         if self.mode == "dtensor":
             return p.data.to_local() if hasattr(p.data, "to_local") else p.data
         if self.mode == "ds_partition":
-            return p.ds_tensor.data
+            return self._ds_partition(p)
         flat = p.data.reshape(-1)
         c = self._chunk(flat.numel())
         return flat[self.rank * c: (self.rank + 1) * c]
+
+    @staticmethod
+    def _ds_partition(p: torch.Tensor) -> torch.Tensor:
+        # Prefer ZeRO-3's fp32 master partition (under bf16 the module's ds_tensor is only its rounded copy);
+        # fall back to ds_tensor where the optimizer holds no master copy of this parameter.
+        lp = p.ds_tensor.data
+        owner = getattr(p, "_z3_optimizer", None)
+        if owner is not None and p.requires_grad:
+            hp = owner.get_local_fp32_param(p)
+            if hp is not None and hp.numel() == lp.numel():
+                return hp.reshape(lp.shape)
+        return lp
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
