@@ -250,8 +250,13 @@ class DeepSpeedBackend(Backend):
         return _as_float(self.engine.get_global_grad_norm()), applied
 
     def ema_params(self):
-        mode = "ds_partition" if self.stage == 3 else "flat_slice"
-        return list(self.raw.model.named_parameters()), mode
+        named = list(self.raw.model.named_parameters())
+        if self.stage == 3:
+            return named, "ds_partition"
+        # ZeRO-1/2 link each parameter to its fragment of the fp32 master copy: average that, not the bf16 copy
+        if named and all(hasattr(p, "_hp_mapping") for _, p in named):
+            return named, "hp_fragment"
+        return named, "flat_slice"
 
     def save(self, ckpt_dir: Path) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)

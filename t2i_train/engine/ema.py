@@ -1,8 +1,8 @@
 """Exponential moving average of the weights, kept in fp32 by each rank for its own shard only.
 
 A "view" gives, for each parameter, the tensor this rank owns: the whole parameter (single process), a flat
-slice of it (DDP and ZeRO-1/2, where parameters are replicated), DeepSpeed's ZeRO-3 partition (`ds_tensor`), or
-the local shard of an FSDP2 DTensor. `full_state_dict()` gathers the shards (a collective: call it on every
+slice of it (DDP, where parameters are replicated), the fragment of DeepSpeed's fp32 master copy this rank
+holds (ZeRO-1/2), DeepSpeed's ZeRO-3 fp32 partition, or the local shard of an FSDP2 DTensor. `full_state_dict()` gathers the shards (a collective: call it on every
 rank) and returns full tensors on rank 0 (None elsewhere); it is the only place the EMA is ever whole.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from . import dist as d
 
 class ShardedEMA:
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], mode: str):
-        if mode not in ("full", "flat_slice", "ds_partition", "dtensor"):
+        if mode not in ("full", "flat_slice", "ds_partition", "hp_fragment", "dtensor"):
             raise ValueError(f"unknown EMA shard mode {mode!r}")
         self.mode = mode
         self.params = dict(named_params)
@@ -36,6 +36,10 @@ class ShardedEMA:
             return p.data.to_local() if hasattr(p.data, "to_local") else p.data
         if self.mode == "ds_partition":
             return self._ds_partition(p)
+        if self.mode == "hp_fragment":
+            # ZeRO-1/2: this rank's piece of DeepSpeed's fp32 master copy (empty if it owns none of p)
+            mapping = getattr(p, "_hp_mapping", None)
+            return mapping.get_hp_fragment() if mapping is not None else p.data.new_zeros(0, dtype=torch.float32)
         flat = p.data.reshape(-1)
         c = self._chunk(flat.numel())
         return flat[self.rank * c: (self.rank + 1) * c]
@@ -82,7 +86,17 @@ class ShardedEMA:
         out = {}
         for n, p in self.params.items():
             shard = self.shadow[n]
-            if self.mode == "full" or self.world == 1 and self.mode != "ds_partition":
+            if self.mode == "hp_fragment":
+                # fragments are disjoint and cover p: place ours, sum over ranks
+                full = torch.zeros(p.numel(), dtype=shard.dtype, device=shard.device)
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is not None:
+                    a = mapping.lp_fragment_address
+                    full[a.start: a.start + a.numel] = shard
+                if self.world > 1:
+                    dist.all_reduce(full)
+                full = full.reshape(p.shape)
+            elif self.mode == "full" or self.world == 1 and self.mode != "ds_partition":
                 full = shard.reshape(p.shape) if self.mode == "flat_slice" else shard
             elif self.mode == "dtensor":
                 from torch.distributed.tensor import DTensor
