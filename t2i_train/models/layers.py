@@ -108,15 +108,18 @@ def _split_heads(qkv: torch.Tensor, heads: int):
     return q, k, v
 
 
+def _head_dim(dim: int, heads: int) -> int:
+    if dim % heads:
+        raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+    return dim // heads
+
+
 class Attention(nn.Module):
     """Self-attention with QK-RMSNorm and rotary positions, through scaled_dot_product_attention."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.head_dim = dim // heads
+        self.heads, self.head_dim = heads, _head_dim(dim, heads)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
@@ -140,10 +143,7 @@ class JointAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.head_dim = dim // heads
+        self.heads, self.head_dim = heads, _head_dim(dim, heads)
         self.img_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.txt_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.img_q_norm = RMSNorm(self.head_dim)
