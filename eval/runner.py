@@ -33,7 +33,7 @@ from t2i_train.sample import PAPER_DEFAULTS, default_shift, save_png, to_uint8
 SETTINGS_NAME = "generation.json"
 RUN_INFO_NAME = "run_info.json"
 # settings that may change between two runs writing into the same folder without changing any image
-_VOLATILE = ("images", "world_size", "batch_size")
+_VOLATILE = ("images", "world_size", "batch_size", "notes")
 
 Condition = Union[str, int]
 
@@ -253,9 +253,12 @@ def _start_folder(out_dir: Path, settings: dict, overwrite: bool) -> None:
 
 def run_jobs(gen: Generator, jobs: Sequence[Job], cfg: SamplerConfig, height: int, width: int, *,
              out_dir: Union[str, os.PathLike], batch_size: int = 8, overwrite: bool = False,
-             extra_settings: Optional[dict] = None, progress: bool = True,
+             extra_settings: Optional[dict] = None, notes: Optional[dict] = None, progress: bool = True,
              save: Callable[[torch.Tensor, Path], None] = save_png) -> dict:
     """Make every job's image that is not there yet; returns the settings written to `out_dir/generation.json`.
+
+    `extra_settings` join the recorded settings (a folder made with other values is refused); `notes` are recorded
+    under "notes" but may differ between runs (e.g. where an input file was read from).
 
     Jobs are split across ranks by position (rank r takes jobs r, r + W, ...), then each rank skips the files that
     exist. Call it on every rank; it returns once all ranks are done and every output exists.
@@ -266,7 +269,7 @@ def run_jobs(gen: Generator, jobs: Sequence[Job], cfg: SamplerConfig, height: in
     cfg = dataclasses.replace(cfg, dtype=gen.dtype)
     rank, world = dist.rank(), dist.world_size()
     settings = {**gen.settings(), "sampler": cfg.to_dict(), "height": int(height), "width": int(width),
-                **(extra_settings or {}), "world_size": world, "batch_size": int(batch_size),
+                **(extra_settings or {}), "world_size": world, "batch_size": int(batch_size), "notes": notes or {},
                 "images": {str(j.path.relative_to(out_dir)): int(j.seed) for j in jobs}}
     error = _check_settings(out_dir, settings, overwrite) if rank == 0 else None
     error = dist.broadcast_object(error)

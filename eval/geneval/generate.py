@@ -41,6 +41,7 @@ def generate_geneval(gen: Generator, entries: Sequence[dict], metadata_path: Uni
              "num_prompts": len(entries), "n_samples": int(n_samples), "seed": int(seed)}
     settings = run_jobs(gen, geneval_jobs(entries, indices, out, n_samples, seed), cfg, height, width,
                         out_dir=out, batch_size=batch_size, overwrite=overwrite, extra_settings=extra,
+                        notes={"metadata": str(Path(metadata_path).resolve())},
                         progress=progress)
     if dist.rank() == 0:
         for i in indices:
