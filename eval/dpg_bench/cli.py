@@ -34,7 +34,9 @@ def _generate(args) -> int:
 def _score(args) -> int:
     import torch
 
-    from .evaluate import evaluate, format_report, write_report
+    from data_pipeline.shard_index import write_json_atomic
+
+    from .evaluate import evaluate, format_report
     from .vqa import build_vqa
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,39 +45,38 @@ def _score(args) -> int:
                       allow_incomplete=args.allow_incomplete, progress=not args.no_progress)
     out = args.report or Path(args.images) / ("dpg_report_official_compat.json" if args.official_compat
                                               else "dpg_report.json")
-    write_report(report, out)
+    write_json_atomic(str(out), report)
     print(format_report(report))
     print(f"report: {out}")
     return 0
 
 
 def add_parser(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     dpg = subparsers.add_parser("dpg", help="DPG-Bench (dense prompts, VQA-scored)", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = dpg.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     from eval.runner import add_generation_args
 
-    gen = sub.add_parser("generate", help="4 images per prompt, tiled 2x2 into OUT/<item_id>.png", formatter_class=fmt)
+    gen = sub.add_parser("generate", help="4 images per prompt, tiled 2x2 into OUT/<item_id>.png")
     gen.add_argument("--prompts", required=True, type=Path, help=f"the prompt folder: {PROMPTS_SOURCE}")
     gen.add_argument("--out", required=True, type=Path, help="output folder")
     gen.add_argument("--limit", type=int, help="only the first N prompts (sorted by item id): a smoke test")
     add_generation_args(gen)
     gen.set_defaults(func=_generate)
 
-    score = sub.add_parser("score", help="VQA-score a folder of 2x2 tiles", formatter_class=fmt)
+    score = sub.add_parser("score", help="VQA-score a folder of 2x2 tiles")
     score.add_argument("images", type=Path, help="folder of <item_id>.png 2x2 tiles")
     score.add_argument("--csv", required=True, type=Path, help=f"the question CSV: {CSV_SOURCE}")
     score.add_argument("--official-compat", action="store_true",
                        help="reproduce the official script's quirks (first CSV row skipped; categories from the "
                             "last crop's raw answers) to compare with published numbers")
     score.add_argument("--vqa", choices=BACKENDS, default="auto",
-                       help="auto = mplug when modelscope is installed, else transformers")
+                       help="auto = mplug when modelscope is installed, else transformers (default: %(default)s)")
     score.add_argument("--vqa-model", help=f"model id or local path (default: {MPLUG_MODEL} for mplug, "
                                            f"{TRANSFORMERS_MODEL} for transformers)")
     score.add_argument("--vqa-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                       help="transformers backend weights dtype")
+                       help="transformers backend weights dtype (default: %(default)s)")
     score.add_argument("--device", help="default: cuda when available, else cpu")
     score.add_argument("--allow-incomplete", action="store_true",
                        help="score even when some items have no image (the report is flagged)")

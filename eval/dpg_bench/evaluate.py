@@ -6,7 +6,6 @@ VQA model's name), so an interrupted run resumes and both modes can be reported 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from PIL import Image
@@ -112,10 +111,3 @@ def format_report(report: dict) -> str:
     lines += [f"    {k:<26}{v:8.2f}" for k, v in report["category_detailed"].items()]
     lines.append(f"  {'DPG-Bench score':<28}{report['score']:8.2f}")
     return "\n".join(lines)
-
-
-def write_report(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
