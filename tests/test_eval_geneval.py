@@ -194,3 +194,10 @@ def test_detector_registry():
         build_detector("yolo")
     with pytest.raises(ValueError, match="mmdet needs CONFIG,CHECKPOINT"):
         build_detector("mmdet:only_config.py")
+
+
+def test_shapes_detector_is_loaded_lazily_through_the_registry():
+    pytest.importorskip("eval.geneval.shapes")
+    detector, colors = build_detector("shapes")
+    assert isinstance(detector.detect(Image.new("RGB", (32, 32), (120, 120, 120))), list)
+    assert colors is not None

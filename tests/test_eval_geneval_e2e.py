@@ -139,3 +139,38 @@ def test_missing_models_say_which_and_how(generated, monkeypatch):
     with pytest.raises(OSError, match=r"cannot load GenEval CLIP model 'nobody/no-clip' \(HF_HUB_OFFLINE is set\)"):
         t2i_eval(score_args(generated)[:3] + ["--detector", f"mask2former:{generated['m2f']}",
                                               "--clip", "nobody/no-clip"])
+
+
+def test_clip_colour_is_the_official_zero_shot_on_the_grey_masked_crop(setup):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from eval.geneval.backends import ClipColorClassifier
+    from eval.geneval.detectors import Detection
+    from eval.geneval.metadata import COLORS
+
+    clf = ClipColorClassifier(str(setup["clip"]), device="cpu")
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :16], rgb[:, 16:] = (200, 0, 0), (0, 0, 200)
+    mask = np.zeros((32, 32), bool)
+    mask[4:20, 2:14] = True
+    det = Detection("bench", 0.9, (2.0, 4.0, 20.0, 20.0), mask)
+    crop = np.asarray(clf.masked_crop(Image.fromarray(rgb), det))
+    assert crop.shape == (16, 18, 3)  # rows 4..19, columns 2..19
+    assert (crop[:, :12] == (200, 0, 0)).all() and (crop[:, 12:] == (153, 153, 153)).all()  # #999 off the mask
+
+    def unit(x):
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    with torch.no_grad():
+        cols = []
+        for c in COLORS:
+            texts = [f"a photo of a {c} bench", f"a photo of a {c}-colored bench", f"a photo of a {c} object"]
+            tok = clf.processor.tokenizer(texts, padding=True, return_tensors="pt")
+            cols.append(unit(unit(clf._features(clf.model.get_text_features(**tok))).mean(0)))
+        text = torch.stack(cols, 1)
+        pixels = clf.processor(images=[Image.fromarray(crop)], return_tensors="pt")["pixel_values"]
+        image = unit(clf._features(clf.model.get_image_features(pixel_values=pixels)))
+    assert torch.allclose(clf.text_classifier("bench", COLORS), text, atol=1e-6)
+    assert clf.classify(Image.fromarray(rgb), [det], COLORS) == [COLORS[int((image @ text).argmax())]]

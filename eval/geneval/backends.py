@@ -35,10 +35,12 @@ def _from_pretrained(loader, name: str, what: str, how: str):
     looks_local = os.path.sep in name and (name.startswith((".", os.path.sep, "~")) or os.path.exists(name))
     if looks_local and not os.path.exists(os.path.expanduser(name)):
         raise FileNotFoundError(f"{what} {name!r} not found (a local directory); {how}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return loader(os.path.expanduser(name))
+        # local_files_only as well: huggingface_hub reads HF_HUB_OFFLINE only when it is first imported
+        return loader(os.path.expanduser(name), **({"local_files_only": True} if offline else {}))
     except OSError as e:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        offline = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise OSError(f"cannot load {what} {name!r}{offline}: {str(e).splitlines()[0]} — {how}") from None
 
 

@@ -73,20 +73,26 @@ def score_image(path: Path, metadata: dict, detector: Detector, colors: Optional
             "details": {k: [[*map(float, d.box), float(d.score)] for d in v] for k, v in objects.items()}}
 
 
+def require_complete(found: PromptSet, images: Path, n_samples: int, allow_incomplete: bool) -> None:
+    """Refuse an incomplete folder (before any model is loaded) unless `allow_incomplete`."""
+    if found.complete or allow_incomplete:
+        return
+    what = ("the prompt set is unknown: pass --metadata" if found.expected is None else
+            f"{len(found.missing)} of {found.expected} prompts have no images "
+            f"(first: {found.missing[:5]}), {len(found.short)} have fewer than {n_samples}")
+    raise SystemExit(f"{images}: incomplete GenEval folder — {what}; finish generation (it resumes), or pass "
+                     "--allow-incomplete to score it anyway (flagged as not comparable)")
+
+
 def score_folder(images, detector: Detector, colors: Optional[ColorClassifier], *,
                  entries: Optional[Sequence[dict]] = None, n_samples: int = 4, allow_incomplete: bool = False,
-                 rules: Rules = Rules(), progress: bool = True) -> tuple[list, dict]:
-    """(per-image results, summary) for a folder in the official layout."""
+                 rules: Rules = Rules(), progress: bool = True, found: Optional[PromptSet] = None) -> tuple[list, dict]:
+    """(per-image results, summary) for a folder in the official layout (`found`: its scan, if already made)."""
     from tqdm import tqdm
 
     images = Path(images)
-    found = scan_folder(images, entries, n_samples)
-    if not found.complete and not allow_incomplete:
-        what = ("the prompt set is unknown: pass --metadata" if found.expected is None else
-                f"{len(found.missing)} of {found.expected} prompts have no images "
-                f"(first: {found.missing[:5]}), {len(found.short)} have fewer than {n_samples}")
-        raise SystemExit(f"{images}: incomplete GenEval folder — {what}; finish generation (it resumes), or pass "
-                         "--allow-incomplete to score it anyway (flagged as not comparable)")
+    found = found or scan_folder(images, entries, n_samples)
+    require_complete(found, images, n_samples, allow_incomplete)
     todo = [(i, meta, p) for i, (meta, paths) in sorted(found.prompts.items()) for p in paths]
     results = []
     for index, meta, path in tqdm(todo, desc="GenEval scoring", unit="img", disable=not progress):
@@ -124,11 +130,13 @@ def score_folder_from_args(args) -> int:
     metadata = args.metadata or (recorded.get("notes") or {}).get("metadata")
     entries = load_metadata(metadata) if metadata else None
     n_samples = args.n_samples or int(recorded.get("n_samples", 4))
+    found = scan_folder(images, entries, n_samples)
+    require_complete(found, images, n_samples, args.allow_incomplete)
     detector, colors = build_detector(args.detector, device=args.device, clip=args.clip)
     if colors is None:
         colors = ClipColorClassifier(args.clip, device=args.device)
     results, summary = score_folder(images, detector, colors, entries=entries, n_samples=n_samples,
-                                    allow_incomplete=args.allow_incomplete, progress=not args.no_progress)
+                                    allow_incomplete=args.allow_incomplete, progress=not args.no_progress, found=found)
     summary.update(detector=args.detector, clip=args.clip if not args.detector.startswith("shapes") else None,
                    metadata=str(metadata) if metadata else None, images_dir=str(images),
                    generation=({k: recorded.get(k) for k in ("ckpt", "ckpt_sha256", "sampler", "height", "width",
