@@ -59,7 +59,7 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device).permute(0, 3, 1, 2)  # writable copy
         pool, logits = self.net(x)
         return pool.cpu().numpy(), self._spatial.cpu().numpy(), logits.cpu().numpy()
 
