@@ -24,8 +24,8 @@ def sample_batch(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fid")
     torch.manual_seed(0)
     ckpt = save_pretrained(build_model("pixeldit_tiny_c2i"), tmp / "ckpt")
-    args = ["fid", "generate", "--ckpt", str(ckpt), "--out", str(tmp / "fid"), "--num", "12", "--height", "16",
-            "--steps", "2", "--no-progress"]
+    args = ["fid", "generate", "--ckpt", str(ckpt), "--out", str(tmp / "fid"), "--num-samples", "12",
+            "--height", "16", "--steps", "2", "--no-progress"]
     run_eval(*args)
     return tmp / "fid" / "samples_12x16x16x3.npz", args
 
@@ -49,6 +49,14 @@ def test_generate_end_to_end(sample_batch):
     assert (out / "samples" / "000000.png").stat().st_mtime_ns == mtime
     with np.load(batch) as z:
         assert np.array_equal(z["arr_0"], images) and np.array_equal(z["arr_1"], labels)
+
+    # a named preset sets the model card's sampler; explicit flags override its fields
+    args = gen_args[:gen_args.index("--out")] + ["--out", str(out.parent / "preset"), "--num-samples", "1",
+                                                  "--height", "16", "--steps", "1", "--preset", "512", "--no-progress"]
+    assert eval_main(args) == 0
+    sampler = json.loads((out.parent / "preset" / "generation.json").read_text())["sampler"]
+    assert (sampler["name"], sampler["steps"], sampler["cfg_scale"], sampler["cfg_interval"], sampler["shift"]) == \
+        ("flow_dpm_solver", 1, 3.5, [0.1, 1.0], 2.0)
 
 
 @pytest.mark.slow  # ~2 × sqrtm and 1 × eigvals of 2048² matrices: minutes on 2 shared cores

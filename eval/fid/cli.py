@@ -1,6 +1,6 @@
 """`t2i-eval fid generate|score`: ImageNet FID / sFID / IS / precision / recall by the ADM protocol.
 
-    t2i-eval fid generate --ckpt imagenet256/export --out fid/ours [--preset 256-ep320] [--num 50000]
+    t2i-eval fid generate --ckpt imagenet256/export --out fid/ours [--preset 256-ep320] [--num-samples 50000]
     torchrun --nproc-per-node 8 -m eval fid generate ...                     # split across ranks
     t2i-eval fid score VIRTUAL_imagenet256_labeled.npz fid/ours/samples_50000x256x256x3.npz \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth [--also-torch-fidelity] [--also-clean-fid]
@@ -34,10 +34,10 @@ def _generate(args) -> int:
                      cfg_interval=tuple(args.interval) if args.interval else None)
         cfg = dataclasses.replace(cfg, **{**sampler_overrides(preset),
                                           **{k: v for k, v in flags.items() if v is not None}})
-    out = generate(gen, args.out, cfg, h, w, num=args.num, seed=args.seed, batch_size=args.batch_size,
+    out = generate(gen, args.out, cfg, h, w, num=args.num_samples, seed=args.seed, batch_size=args.batch_size,
                    overwrite=args.overwrite, preset=preset, progress=not args.no_progress)
     if dist.rank() == 0:
-        print(f"ImageNet FID batch: {out} ({args.num} samples {h}x{w}, preset {preset}, {cfg.name} "
+        print(f"ImageNet FID batch: {out} ({args.num_samples} samples {h}x{w}, preset {preset}, {cfg.name} "
               f"{cfg.steps} steps, cfg {cfg.cfg_scale} on {cfg.cfg_interval}, shift {cfg.shift})")
     dist.shutdown()
     return 0
@@ -70,7 +70,8 @@ def add_parser(subparsers) -> None:
 
     gen = sub.add_parser("generate", help="class-balanced samples packed into an ADM .npz batch")
     gen.add_argument("--out", required=True, type=Path, help="output folder")
-    gen.add_argument("--num", type=int, default=50_000, help="number of samples; image k has class k mod num_classes (default: %(default)s)")
+    gen.add_argument("--num-samples", type=int, default=50_000,
+                     help="number of samples; image k has class k mod num_classes (default: %(default)s)")
     gen.add_argument("--preset", choices=sorted(PRESETS),
                      help="the paper's sampler settings for a checkpoint (default: 256-ep320 at 256², 512 at 512²); "
                           "--sampler/--steps/--cfg/--interval/--shift override its fields")
