@@ -146,6 +146,10 @@ def test_scores_default_mode(tmp_path):
     assert calls == 3 * 4 and len((images / "dpg_answers.jsonl").read_text().splitlines()) == 3
     compat = evaluate(images, csv_path, vqa, official_compat=True, progress=False)
     assert vqa.calls == calls
+    # a regenerated tile is asked again, the others are not
+    Image.open(images / "c.png").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(images / "c.png")
+    evaluate(images, csv_path, vqa, progress=False)
+    assert vqa.calls == calls + 4
     assert compat["mode"] == "official-compat" and "official-compat mode" in format_report(compat)
 
 

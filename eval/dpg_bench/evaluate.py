@@ -1,7 +1,8 @@
 """Score a folder of DPG-Bench tiles (`<item_id>.png`, 2×2) with a VQA model; write and print the report.
 
 VQA answers are appended to `dpg_answers.jsonl` as they come (per image, per crop, per question, with the
-VQA model's name), so an interrupted run resumes and both modes can be reported from one set of answers.
+VQA model's name and the image's sha256), so an interrupted run resumes, both modes can be reported from one
+set of answers, and a regenerated image is asked again.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
+
+from eval.runner import file_sha256
 
 from .questions import Question, read_questions
 from .scoring import ImageScore, benchmark_score, category_scores, normalize_answer, score_image, split_tile
@@ -25,13 +28,14 @@ def list_images(image_dir: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
-def _load_answers(path: Path, vqa_name: str) -> dict[str, list[dict[str, str]]]:
+def _load_answers(path: Path, vqa_name: str, digests: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """Cached answers of this VQA model for the images as they are now (a regenerated tile is asked again)."""
     cached = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                if rec["vqa"] == vqa_name:
+                if rec["vqa"] == vqa_name and rec.get("sha256") == digests.get(rec["item"]):
                     cached[rec["item"]] = rec["answers"]
     return cached
 
@@ -46,12 +50,14 @@ def ask_image(vqa: VQA, image_path: Path, questions: list[Question]) -> list[dic
 
 def collect_answers(vqa: VQA, images: dict[str, Path], questions: dict[str, list[Question]], answers_path: Path,
                     progress: bool = True) -> dict[str, list[dict[str, str]]]:
-    cached = _load_answers(answers_path, vqa.name)
+    digests = {item: file_sha256(path) for item, path in images.items()}
+    cached = _load_answers(answers_path, vqa.name, digests)
     todo = [k for k in images if k not in cached or any(q.text not in crop for crop in cached[k] for q in questions[k])]
     with open(answers_path, "a") as f:
         for item in tqdm(todo, desc=f"DPG-Bench VQA ({vqa.name})", disable=not progress):
             cached[item] = ask_image(vqa, images[item], questions[item])
-            f.write(json.dumps({"item": item, "vqa": vqa.name, "answers": cached[item]}) + "\n")
+            rec = {"item": item, "sha256": digests[item], "vqa": vqa.name, "answers": cached[item]}
+            f.write(json.dumps(rec) + "\n")
             f.flush()
     return cached
 
