@@ -200,3 +200,34 @@ def test_real_prompt_folder_parses():
 def test_missing_prompt_folder_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ELLA repository's dpg_bench/prompts"):
         read_prompts(tmp_path / "nope")
+
+
+def _score_on_rank(rank: int, world: int, port: int, images: str, csv_path: str, out: str) -> None:
+    import os
+
+    import torch
+
+    from t2i_train.engine import dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_distributed(torch.device("cpu"))
+    vqa = ScriptedVQA()
+    report = evaluate(Path(images), Path(csv_path), vqa, progress=False)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"report": report, "calls": vqa.calls}))
+    dist.shutdown()
+
+
+def test_scoring_split_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from t2i_train.engine.dist import _free_port
+
+    csv_path, images = write_csv(tmp_path / "dpg.csv"), write_tiles(tmp_path / "images")
+    mp.spawn(_score_on_rank, args=(2, _free_port(), str(images), str(csv_path), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["calls"] for r in results] == [2 * 4, 1 * 4]  # items a, c on rank 0; b on rank 1; 4 crops each
+    single = evaluate(images, csv_path, ScriptedVQA(), progress=False)  # asks nothing: answers are all cached
+    assert results[0]["report"] == results[1]["report"] == json.loads(json.dumps(single))
+    assert sorted(p.name for p in images.glob("dpg_answers*.jsonl")) == ["dpg_answers.rank0.jsonl",
+                                                                          "dpg_answers.rank1.jsonl"]

@@ -2,6 +2,7 @@
 
     t2i-eval dpg generate --ckpt runs/t2i_512/export/ema --prompts ELLA/dpg_bench/prompts --out dpg/ours
     t2i-eval dpg score dpg/ours --csv ELLA/dpg_bench/dpg_bench.csv [--official-compat] [--vqa transformers]
+    torchrun --nproc-per-node 8 -m eval dpg score dpg/ours --csv ...       # VQA split across ranks
 """
 from __future__ import annotations
 
@@ -35,19 +36,23 @@ def _score(args) -> int:
     import torch
 
     from data_pipeline.shard_index import write_json_atomic
+    from t2i_train.engine import dist
 
     from .evaluate import evaluate, format_report
     from .vqa import build_vqa
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vqa = build_vqa(args.vqa, args.vqa_model, device=device, dtype=args.vqa_dtype)
+    device = torch.device(args.device) if args.device else dist.pick_device("auto")
+    dist.init_distributed(device)  # under torchrun the images are split across ranks
+    vqa = build_vqa(args.vqa, args.vqa_model, device=str(device), dtype=args.vqa_dtype)
     report = evaluate(args.images, args.csv, vqa, official_compat=args.official_compat,
                       allow_incomplete=args.allow_incomplete, progress=not args.no_progress)
-    out = args.report or Path(args.images) / ("dpg_report_official_compat.json" if args.official_compat
-                                              else "dpg_report.json")
-    write_json_atomic(str(out), report)
-    print(format_report(report))
-    print(f"report: {out}")
+    if dist.rank() == 0:
+        out = args.report or Path(args.images) / ("dpg_report_official_compat.json" if args.official_compat
+                                                  else "dpg_report.json")
+        write_json_atomic(str(out), report)
+        print(format_report(report))
+        print(f"report: {out}")
+    dist.shutdown()
     return 0
 
 
@@ -77,7 +82,7 @@ def add_parser(subparsers) -> None:
                                            f"{TRANSFORMERS_MODEL} for transformers)")
     score.add_argument("--vqa-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="transformers backend weights dtype (default: %(default)s)")
-    score.add_argument("--device", help="default: cuda when available, else cpu")
+    score.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     score.add_argument("--allow-incomplete", action="store_true",
                        help="score even when some items have no image (the report is flagged)")
     score.add_argument("--report", type=Path, help="report JSON (default: IMAGES/dpg_report[_official_compat].json)")

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval.runner import file_sha256
+from t2i_train.engine import dist
 
 from .questions import Question, read_questions
 from .scoring import ImageScore, benchmark_score, category_scores, normalize_answer, score_image, split_tile
@@ -20,6 +21,7 @@ from .vqa import VQA
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 ANSWERS_FILE = "dpg_answers.jsonl"
+ANSWERS_GLOB = "dpg_answers*.jsonl"  # one file per rank when scoring under torchrun
 
 
 def list_images(image_dir: Path) -> dict[str, Path]:
@@ -28,10 +30,11 @@ def list_images(image_dir: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
-def _load_answers(path: Path, vqa_name: str, digests: dict[str, str]) -> dict[str, list[dict[str, str]]]:
-    """Cached answers of this VQA model for the images as they are now (a regenerated tile is asked again)."""
+def _load_answers(image_dir: Path, vqa_name: str, digests: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """Cached answers of this VQA model (from every rank's file) for the images as they are now: a regenerated
+    tile is asked again."""
     cached = {}
-    if path.exists():
+    for path in sorted(image_dir.glob(ANSWERS_GLOB)):
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
@@ -48,17 +51,25 @@ def ask_image(vqa: VQA, image_path: Path, questions: list[Question]) -> list[dic
     return [dict(zip(texts, vqa.ask(crop, texts))) for crop in crops]
 
 
-def collect_answers(vqa: VQA, images: dict[str, Path], questions: dict[str, list[Question]], answers_path: Path,
+def collect_answers(vqa: VQA, images: dict[str, Path], questions: dict[str, list[Question]], image_dir: Path,
                     progress: bool = True) -> dict[str, list[dict[str, str]]]:
+    """Every image's answers. Under torchrun each rank asks its share of the unanswered images and appends to its
+    own file; all ranks return the union."""
+    rank, world = dist.rank(), dist.world_size()
     digests = {item: file_sha256(path) for item, path in images.items()}
-    cached = _load_answers(answers_path, vqa.name, digests)
+    cached = _load_answers(image_dir, vqa.name, digests)
     todo = [k for k in images if k not in cached or any(q.text not in crop for crop in cached[k] for q in questions[k])]
-    with open(answers_path, "a") as f:
-        for item in tqdm(todo, desc=f"DPG-Bench VQA ({vqa.name})", disable=not progress):
+    mine = todo[rank::world]
+    own = image_dir / (ANSWERS_FILE if world == 1 else ANSWERS_FILE.replace(".jsonl", f".rank{rank}.jsonl"))
+    with tqdm(mine, desc=f"DPG-Bench VQA ({vqa.name}, {world} rank(s))", disable=not progress or rank != 0) as bar:
+        for item in bar:
             cached[item] = ask_image(vqa, images[item], questions[item])
             rec = {"item": item, "sha256": digests[item], "vqa": vqa.name, "answers": cached[item]}
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+            with open(own, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    if world > 1:
+        dist.barrier()
+        cached = _load_answers(image_dir, vqa.name, digests)
     return cached
 
 
@@ -76,7 +87,7 @@ def evaluate(image_dir: str | Path, csv_path: str | Path, vqa: VQA, *, official_
         raise ValueError(f"{image_dir}: {len(missing)} of {len(questions)} DPG-Bench items have no image (e.g. "
                          f"{missing[0]}.png); a score on a partial set is not comparable — generate them, or pass "
                          f"--allow-incomplete to score anyway (the report is flagged)")
-    answers = collect_answers(vqa, images, questions, image_dir / ANSWERS_FILE, progress)
+    answers = collect_answers(vqa, images, questions, image_dir, progress)
 
     scored: list[ImageScore] = []
     failed: list[str] = []
