@@ -64,7 +64,7 @@ def read_questions(csv_path: str | Path, *, official_compat: bool = False) -> di
             continue
         where = f"{csv_path} row {i + 2}"
         item = row["item_id"].strip()
-        (qid,) = _parse_ids(row["proposition_id"], where, "proposition_id")[:1]
+        qid = _parse_ids(row["proposition_id"], where, "proposition_id")[0]
         question = Question(qid, row["question_natural_language"].strip(),
                             tuple(_parse_ids(row["dependency"], where, "dependency")), row["tuple"].strip())
         if official_compat and item != previous:
