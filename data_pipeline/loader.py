@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import os
 import random
@@ -46,15 +45,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.buckets import BucketSpec
 from data_pipeline.captions import MAIN_SOURCE, caption_dropout, captions_from_json, choose_caption
+from data_pipeline.decode import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_to_bucket
+from data_pipeline.sample_meta import BadSample, decode_caption, parse_json_meta, parse_label
 from data_pipeline.shard_index import find_index, read_index
-from data_pipeline.tario import iter_shard, shard_name
+from data_pipeline.tario import is_local, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATE_VERSION = 1
-BAD_DATA_REASONS = ("decode_error", "missing_image", "missing_caption", "truncated_shard", "unreadable_shard",
-                    "bad_json")
+BAD_DATA_REASONS = ("decode_error", "too_large", "missing_image", "missing_caption", "truncated_shard",
+                    "unreadable_shard", "bad_json", "bad_caption", "bad_label")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -69,32 +70,62 @@ class DatasetSpec:
             raise ValueError(f"dataset {name!r} has no shards")
 
     @classmethod
-    def from_config(cls, entry) -> "DatasetSpec":
+    def from_config(cls, entry, base_dir: Optional[str] = None) -> "DatasetSpec":
         """``"dir"`` | ``{"path": dir}`` | ``{"urls": "pipe:aws s3 cp s3://b/x-{000000..000099}.tar -",
-        "index": "index.json"}``, each with an optional ``weight``."""
+        "index": "index.json"}``, each with an optional ``weight``. Relative local paths resolve against
+        ``base_dir`` (default: the current directory); a local path that does not exist is an error."""
         if isinstance(entry, str):
             entry = {"path": entry}
         weight = entry.get("weight", 1.0)
         path = entry.get("path")
+        if path and not _is_spec(path):
+            path = _existing(path, base_dir, "dataset path")
         if path and os.path.isdir(path):
-            idx_path = entry.get("index") or find_index(path)
+            idx_path = _existing(entry["index"], base_dir, "index") if entry.get("index") else find_index(path)
             if not idx_path:
                 raise FileNotFoundError(f"{path}: no index.json (build the shards with t2i-build-shards)")
-            index = read_index(idx_path)
+            index = _read_checked_index(idx_path)
             urls = [os.path.join(path, s["name"]) for s in index["shards"]]
-            return cls(urls, [s["count"] for s in index["shards"]], weight, entry.get("name", index.get("name", path)))
+            return cls(urls, [s["count"] for s in index["shards"]], weight,
+                       entry.get("name", index.get("name", entry["path"])))
         spec = entry.get("urls") or path
         if not spec:
             raise ValueError(f"dataset entry {entry!r} needs 'path' (a shard directory) or 'urls'")
         specs = spec if isinstance(spec, list) else [spec]
         urls = [u for s in specs for u in braceexpand.braceexpand(s)]
+        urls = [_existing(u, base_dir, "shard") if is_local(u) and not u.startswith("file:") else u for u in urls]
         counts = None
         if entry.get("index"):
-            index = read_index(entry["index"])
+            index = _read_checked_index(_existing(entry["index"], base_dir, "index"))
             by_name = {s["name"]: s["count"] for s in index["shards"]}
             counts = [by_name.get(shard_name(u)) for u in urls]
             counts = None if any(c is None for c in counts) else counts
         return cls(urls, counts, weight, entry.get("name", specs[0]))
+
+
+def _is_spec(path: str) -> bool:
+    """A brace range, a ``pipe:`` command or a URL rather than one local directory."""
+    return "{" in path or not is_local(path)
+
+
+def _existing(path: str, base_dir: Optional[str], what: str) -> str:
+    """``path`` resolved against ``base_dir`` (or the current directory); an error naming both if missing."""
+    given = os.path.expanduser(path)
+    base = os.path.abspath(base_dir) if base_dir else os.getcwd()
+    resolved = given if os.path.isabs(given) else os.path.normpath(os.path.join(base, given))
+    if not os.path.exists(resolved):
+        where = "" if os.path.isabs(given) else (
+            f", relative to {'base directory ' + base if base_dir else 'the current directory ' + base}")
+        raise FileNotFoundError(f"{what} {path!r} not found (resolved to {resolved}{where})")
+    return resolved
+
+
+def _read_checked_index(path: str) -> Dict:
+    index = read_index(path)
+    if index.get("complete") is False:
+        log.warning("%s: the shard build did not finish (complete: false); using the %d samples written so far "
+                    "(finish it with t2i-build-shards ... --resume)", path, sum(s["count"] for s in index["shards"]))
+    return index
 
 
 # -------------------------------------------------------------------------------------------- the stream
@@ -162,15 +193,13 @@ class _Cursor:
             except StopIteration:
                 expected = self.ds.counts[shard] if self.ds.counts else None
                 if expected is not None and self.offset < expected:  # tar ended early on a header boundary
-                    self.counters["truncated_shard"] += 1
-                    self.warn("truncated_shard", shard_name(url), f"after member {self.offset}",
-                              f"{expected} samples in the index")
+                    self._shard_fault("truncated_shard", shard, stride, phase, f"after member {self.offset}",
+                                      f"{expected} samples in the index")
                 self._advance_shard()
                 continue
             except (OSError, tarfile.TarError, EOFError, ValueError) as e:
                 reason = "unreadable_shard" if self.offset == 0 else "truncated_shard"
-                self.counters[reason] += 1
-                self.warn(reason, shard_name(url), f"after member {self.offset}", repr(e))
+                self._shard_fault(reason, shard, stride, phase, f"after member {self.offset}", repr(e))
                 self._advance_shard()
                 continue
             self.offset = member + 1
@@ -181,6 +210,13 @@ class _Cursor:
             sample["__url__"] = url
             return sample
         return None
+
+    def _shard_fault(self, reason, shard, stride, phase, where, detail):
+        # With fewer shards than streams every stream reads every shard: only the stream that owns the shard
+        # (shard % stride == phase) counts and reports its fault, so the job counts it once.
+        if stride == 1 or shard % stride == phase:
+            self.counters[reason] += 1
+            self.warn(reason, shard_name(self.ds.urls[shard]), where, detail)
 
     def _advance_shard(self):
         self._it, self.task, self.offset = None, self.task + 1, 0
@@ -266,20 +302,14 @@ class _Stream:
                 self._warn(reason, shard, key, detail)
             return None
 
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except ValueError as e:
-                bad("bad_json", repr(e))
-                meta = {}
-        txt = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else None
-        label = meta.get("label")
-        if label is None and "cls" in sample:
-            try:
-                label = int(sample["cls"].decode().strip())
-            except ValueError:
-                label = None
+        try:
+            meta = parse_json_meta(sample["json"]) if "json" in sample else {}
+            txt = decode_caption(sample.get("txt"))
+            label = meta.get("label")
+            if label is None and "cls" in sample:
+                label = parse_label(sample["cls"])
+        except BadSample as e:
+            return bad(e.reason, e.detail)
         captions = captions_from_json(meta, txt)
         if cfg["use_text_emb"]:
             source, caption = MAIN_SOURCE, captions.get(MAIN_SOURCE, txt or "")
@@ -293,12 +323,9 @@ class _Stream:
         if ext is None:
             return bad("missing_image")
         try:
-            img = Image.open(io.BytesIO(sample[ext]))
-            bucket = self.spec.assign(img.height, img.width)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            img = self.spec.apply(img, bucket, prng)
-            img.load()
+            img, bucket = decode_to_bucket(sample[ext], self.spec, prng, cfg["max_pixels"])
+        except ImageTooLarge as e:
+            return bad("too_large", str(e))
         except Exception as e:  # noqa: BLE001 - any decoder failure is bad data, never a crash
             return bad("decode_error", repr(e))
         dropped = caption_dropout([caption], cfg["text_dropout"], prng)[0] == "" and caption != ""
@@ -514,8 +541,10 @@ class ShardLoader:
                  caption_proportion: Optional[Dict[str, float]] = None, text_dropout: float = 0.0,
                  use_text_emb: bool = False, require_caption: Optional[bool] = None, prefetch_factor: int = 2,
                  pin_memory: bool = False, mp_context: Optional[str] = None, image_dtype: str = "float32",
-                 shm_ring_bytes: int = 1 << 30):
-        self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d) for d in datasets]
+                 shm_ring_bytes: int = 1 << 30, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 base_dir: Optional[str] = None):
+        # Every dataset is resolved and checked here, so a typo stops the run before the first step.
+        self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d, base_dir) for d in datasets]
         spr = streams_per_rank or max(1, num_workers)
         self.cfg = {"batch_size": int(batch_size), "rank": int(rank), "world_size": int(world_size),
                     "seed": int(seed), "bucket_mode": bucket_mode, "resolution": int(resolution), "crop": crop,
@@ -525,7 +554,8 @@ class ShardLoader:
                     "clip_thr": float(clip_thr), "clip_thr_temperature": float(clip_thr_temperature),
                     "caption_proportion": caption_proportion, "text_dropout": float(text_dropout),
                     "use_text_emb": bool(use_text_emb), "require_caption": require_caption,
-                    "shm_ring_depth": int(prefetch_factor) + 3, "shm_ring_bytes": int(shm_ring_bytes)}
+                    "shm_ring_depth": int(prefetch_factor) + 3, "shm_ring_bytes": int(shm_ring_bytes),
+                    "max_pixels": int(max_pixels) if max_pixels else None}
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         if image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be float32 or uint8, got {image_dtype!r}")

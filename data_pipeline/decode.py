@@ -1,0 +1,142 @@
+"""Image decoding shared by the shard builder and the loader.
+
+* a decoded-pixel cap checked on the header, before any pixel is decoded (:class:`ImageTooLarge`);
+* EXIF orientation applied once (:func:`exif_transpose`; :func:`oriented_size` reads it from the header);
+* any PIL mode to 8-bit RGB (:func:`to_rgb`): 16/32-bit integer and float samples are rescaled, not clipped,
+  and transparency is composited over white;
+* decoder failures sorted into ``truncated`` (a valid start that ends early) and ``corrupt``
+  (:func:`decode_failure_reason`);
+* JPEGs decoded at reduced size in the DCT domain (libjpeg's 1/2, 1/4, 1/8 scaling through PIL's ``draft``)
+  when the target is at most half the source on both sides (:func:`decode_to_bucket`).
+"""
+from __future__ import annotations
+
+import io
+import random
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline.buckets import Bucket, BucketSpec, cover_box
+
+# Well above 4096^2 (16.8 MP) and below PIL's decompression-bomb limit (89.5 MP).
+DEFAULT_MAX_PIXELS = 8192 * 8192
+ORIENTATION_TAG = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+
+class ImageTooLarge(ValueError):
+    """The header announces more pixels than the configured cap (or PIL's bomb limit)."""
+
+
+def open_image(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``data`` lazily (header only) and enforce the pixel cap before anything is decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from None
+    if max_pixels and img.width * img.height > max_pixels:
+        raise ImageTooLarge(f"{img.width}x{img.height} = {img.width * img.height} pixels > max_pixels={max_pixels}")
+    return img
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image; 1 when absent or unreadable."""
+    try:
+        value = int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not cost the image
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def oriented_size(width: int, height: int, orientation: int) -> Tuple[int, int]:
+    return (height, width) if orientation in _SWAPS_SIDES else (width, height)
+
+
+def exif_transpose(img: Image.Image, orientation: int) -> Image.Image:
+    """Apply ``orientation`` to the pixels. The result carries no orientation (PIL's transpose drops EXIF)."""
+    return img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB. High-bit-depth samples are rescaled to 0..255 (PIL's own conversion clips them,
+    turning a 16-bit PNG white); transparent pixels are composited over white."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16") or mode == "I":  # 16-bit PNG / TIFF samples, 0..65535
+        a = np.asarray(img).astype(np.float32)
+        return Image.fromarray(_to_uint8(a / 257.0)).convert("RGB")
+    if mode == "F":  # float samples: 0..1 when they fit, else 0..255
+        a = np.asarray(img).astype(np.float32)
+        finite_max = float(np.nanmax(a)) if a.size else 0.0
+        return Image.fromarray(_to_uint8(a * 255.0 if finite_max <= 1.0 else a)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inversion), YCbCr, ...
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(np.rint(a)), 0, 255).astype(np.uint8)
+
+
+def decode_failure_reason(data: bytes, error: BaseException) -> str:
+    """``truncated`` when the decoder ran out of data and the file lacks its end marker, else ``corrupt``."""
+    if isinstance(error, ImageTooLarge):
+        return "too_large"
+    if "truncated" in str(error).lower() and not _has_end_marker(data):
+        return "truncated"
+    return "corrupt"
+
+
+def _has_end_marker(data: bytes) -> bool:
+    tail = data[-16:]
+    if data[:2] == b"\xff\xd8":  # JPEG: EOI
+        return b"\xff\xd9" in tail
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" in tail
+    return True  # other formats: no cheap test, trust the decoder's words less
+
+
+def draft_for(img: Image.Image, needed: Tuple[int, int]) -> int:
+    """Ask libjpeg for the smallest 1/2, 1/4 or 1/8 scale whose output still has at least ``needed`` (w, h)
+    pixels (in stored orientation). Returns the scale (1 = full decode; non-JPEGs always 1)."""
+    if img.format not in ("JPEG", "MPO") or img.width < 2 * needed[0] or img.height < 2 * needed[1]:
+        return 1
+    full_width = img.width
+    drafted = img.draft(img.mode, needed)
+    return 1 if drafted is None else round(full_width / drafted[1][2])
+
+
+def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
+                     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, reduced: bool = True
+                     ) -> Tuple[Image.Image, Bucket]:
+    """Bytes -> RGB image of its bucket's exact size, and the bucket (``reduced=False``: always full decoding).
+
+    The bucket and the crop come from the oriented full-size header dimensions, so reduced-size decoding
+    changes neither: the crop box (in source coordinates) is scaled by the decoder's 1/s.
+    """
+    img = open_image(data, max_pixels)
+    orientation = exif_orientation(img)
+    width, height = oriented_size(img.width, img.height, orientation)
+    bucket = spec.assign(height, width)
+    if spec.crop == "adm":
+        img.load()
+        return spec.apply(to_rgb(exif_transpose(img, orientation)), bucket, rng), bucket
+    (rw, rh), box = cover_box(width, height, bucket, spec.crop == "random", rng)
+    scale = draft_for(img, oriented_size(rw, rh, orientation)) if reduced else 1
+    img.load()
+    img = to_rgb(exif_transpose(img, orientation))
+    th, tw = bucket
+    if scale == 1 and (rw, rh) == img.size:
+        box = tuple(round(v) for v in box)
+        return (img.crop(box) if box != (0, 0, tw, th) else img), bucket
+    box = tuple(v / scale for v in box)
+    return img.resize((tw, th), resample=Image.BICUBIC, box=box), bucket
