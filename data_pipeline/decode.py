@@ -6,16 +6,17 @@
   and transparency is composited over white;
 * decoder failures sorted into ``truncated`` (a valid start that ends early) and ``corrupt``
   (:func:`decode_failure_reason`);
-* JPEGs decoded at reduced size in the DCT domain (libjpeg's 1/2, 1/4, 1/8 scaling through PIL's ``draft``)
-  when the target is at most half the source on both sides (:func:`decode_to_bucket`).
+* JPEGs decoded by libjpeg-turbo through simplejpeg, at reduced size in the DCT domain (scaling by n/8)
+  when the bucket needs fewer pixels than the source (:func:`decode_to_bucket`).
 """
 from __future__ import annotations
 
 import io
 import random
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from data_pipeline.buckets import Bucket, BucketSpec, cover_box
@@ -105,23 +106,16 @@ def _has_end_marker(data: bytes) -> bool:
     return True  # other formats: no cheap test, trust the decoder's words less
 
 
-def draft_for(img: Image.Image, needed: Tuple[int, int]) -> int:
-    """Ask libjpeg for the smallest 1/2, 1/4 or 1/8 scale whose output still has at least ``needed`` (w, h)
-    pixels (in stored orientation). Returns the scale (1 = full decode; non-JPEGs always 1)."""
-    if img.format not in ("JPEG", "MPO") or img.width < 2 * needed[0] or img.height < 2 * needed[1]:
-        return 1
-    full_width = img.width
-    drafted = img.draft(img.mode, needed)
-    return 1 if drafted is None else round(full_width / drafted[1][2])
-
-
 def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, reduced: bool = True
-                     ) -> Tuple[Image.Image, Bucket]:
-    """Bytes -> RGB image of its bucket's exact size, and the bucket (``reduced=False``: always full decoding).
+                     ) -> Tuple[Union[Image.Image, np.ndarray], Bucket]:
+    """Bytes -> RGB pixels of the bucket's exact size, and the bucket (``reduced=False``: always full decoding).
 
-    The bucket and the crop come from the oriented full-size header dimensions, so reduced-size decoding
-    changes neither: the crop box (in source coordinates) is scaled by the decoder's 1/s.
+    The pixels are a PIL image, or an HWC uint8 array when the decoded JPEG only needed cropping (a view: no
+    copy until the batch is filled). The bucket and the crop come from the oriented full-size header
+    dimensions, so reduced-size decoding changes neither: the crop box (in source coordinates) is scaled by the
+    decoder's n/8. Reduced-size decoding is used only when the source has at least twice the pixels the
+    resize needs on both sides (smaller reductions cost more quality than they save time).
     """
     img = open_image(data, max_pixels)
     orientation = exif_orientation(img)
@@ -131,12 +125,36 @@ def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
         img.load()
         return spec.apply(to_rgb(exif_transpose(img, orientation)), bucket, rng), bucket
     (rw, rh), box = cover_box(width, height, bucket, spec.crop == "random", rng)
-    scale = draft_for(img, oriented_size(rw, rh, orientation)) if reduced else 1
-    img.load()
-    img = to_rgb(exif_transpose(img, orientation))
+    needed = oriented_size(rw, rh, orientation)
+    if not reduced or img.width < 2 * needed[0] or img.height < 2 * needed[1]:
+        needed = img.size
     th, tw = bucket
+    pixels, scale = _decode_jpeg(data, img, needed)
+    if pixels is not None and orientation == 1 and scale == 1 and (rw, rh) == (width, height):
+        left, top, right, bottom = (round(v) for v in box)
+        return pixels[top:bottom, left:right], bucket
+    if pixels is None:
+        img.load()
+    else:
+        img = Image.fromarray(pixels)
+    img = to_rgb(exif_transpose(img, orientation))
     if scale == 1 and (rw, rh) == img.size:
         box = tuple(round(v) for v in box)
         return (img.crop(box) if box != (0, 0, tw, th) else img), bucket
-    box = tuple(v / scale for v in box)
+    box = tuple(v * scale for v in box)
     return img.resize((tw, th), resample=Image.BICUBIC, box=box), bucket
+
+
+def _decode_jpeg(data: bytes, img: Image.Image, needed: Tuple[int, int]):
+    """libjpeg-turbo through simplejpeg (the same pixels as PIL at full size, and faster), at the smallest
+    n/8 scale whose output still has at least ``needed`` (w, h) pixels in stored orientation.
+
+    ``(HWC uint8 array, n/8)``, or ``(None, 1)`` for what PIL should decode (not a plain RGB JPEG, or libjpeg
+    complained: PIL then decides between a tolerable glitch and a corrupt file)."""
+    if img.format != "JPEG" or img.mode != "RGB":
+        return None, 1
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=needed[0], min_height=needed[1])
+    except ValueError:
+        return None, 1
+    return pixels, round(8 * pixels.shape[1] / img.width) / 8

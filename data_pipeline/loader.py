@@ -330,7 +330,7 @@ class _Stream:
             return bad("decode_error", repr(e))
         dropped = caption_dropout([caption], cfg["text_dropout"], prng)[0] == "" and caption != ""
         if cfg["hflip"] and prng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = img[:, ::-1] if isinstance(img, np.ndarray) else img.transpose(Image.FLIP_LEFT_RIGHT)
         item = {"loc": loc, "key": key, "bucket": bucket, "pixels": img,
                 "caption": "" if dropped else caption, "dropped": dropped, "label": label,
                 "meta": {**{k: v for k, v in meta.items() if k not in ("captions", "scores")},
@@ -391,14 +391,18 @@ def _tuplify(x):
 
 def collate(items: List[Dict], shared: bool = False) -> Dict:
     """One bucket's items -> batch; ``image`` is uint8 NHWC here (4x less to move between processes)."""
-    w, h = items[0]["pixels"].size
+    h, w = items[0]["bucket"]
     shape = (len(items), h, w, 3)  # channels last here; the main process makes NCHW while converting
     # In a worker: written in place in (recycled) shared memory, so the dataloader sends it without a copy.
     pix = _SHM_RING.take(shape) if shared else torch.empty(shape, dtype=torch.uint8)
     with warnings.catch_warnings():  # the buffers are read-only; they are only read
         warnings.simplefilter("ignore", UserWarning)
         for i, it in enumerate(items):
-            pix[i].copy_(torch.frombuffer(_rgb_bytes(it["pixels"]), dtype=torch.uint8).view(h, w, 3))
+            p = it["pixels"]
+            if isinstance(p, np.ndarray):  # a crop of the decoder's array: one copy, straight into the batch
+                pix[i].numpy()[...] = p
+            else:
+                pix[i].copy_(torch.frombuffer(_rgb_bytes(p), dtype=torch.uint8).view(h, w, 3))
     batch = {"image": pix,
              "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
              "meta": [it["meta"] for it in items],
