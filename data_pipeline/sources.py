@@ -219,7 +219,30 @@ def wds_records(spec: str) -> Records:
     urls = expand_shard_spec(spec)
     if all(is_local(u) for u in urls) and not any(os.path.exists(u) for u in urls):
         raise SourceError(f"no shard found for {spec!r} (resolved against {os.getcwd()})")
-    return Records(_wds_records(urls))
+    return Records(_wds_records(urls), total=_wds_total(urls))
+
+
+def _wds_total(urls: List[str]) -> Optional[int]:
+    """Samples in the input shards, from our ``index.json`` beside them or img2dataset's ``<shard>_stats.json``
+    (``successes``); None when a shard has neither."""
+    total, indexes = 0, {}
+    for u in urls:
+        d = os.path.dirname(u)
+        if d not in indexes:
+            try:
+                with open(os.path.join(d, "index.json")) as f:
+                    indexes[d] = {s["name"]: int(s["count"]) for s in json.load(f)["shards"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                indexes[d] = {}
+        count = indexes[d].get(os.path.basename(u))
+        if count is None:
+            try:
+                with open(os.path.splitext(u)[0] + "_stats.json") as f:
+                    count = int(json.load(f)["successes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        total += count
+    return total
 
 
 def _wds_records(urls: List[str]) -> Iterator[Dict]:

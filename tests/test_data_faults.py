@@ -298,6 +298,8 @@ def test_img2dataset_similarity_is_the_main_caption_score(tmp_path):
                            "original_width": 640, "original_height": 480, "exif": "{}", "sha256": "ab"}).encode()
     write_tar(tmp_path / "00000.tar", [(f"{i:09d}", {"jpg": jpeg_bytes(), "txt": f"photo {i}".encode(),
                                                      "json": meta(i, s)}) for i, s in enumerate([0.21, 0.27, 0.33])])
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
+    assert records_for(str(tmp_path / "00000.tar"))[0].total == 3  # the progress bar's total
     assert main([str(tmp_path / "00000.tar"), "--out", str(tmp_path / "out"), "--min-score", "25", "--workers", "1",
                  "--quiet"]) == 0
     samples = _shard_members(str(tmp_path / "out"))
