@@ -394,7 +394,7 @@ def collate(items: List[Dict], shared: bool = False) -> Dict:
     h, w = items[0]["bucket"]
     shape = (len(items), h, w, 3)  # channels last here; the main process makes NCHW while converting
     # In a worker: written in place in (recycled) shared memory, so the dataloader sends it without a copy.
-    pix = _SHM_RING.take(shape) if shared else torch.empty(shape, dtype=torch.uint8)
+    pix = (_SHM_RING if shared else _LOCAL_RING).take(shape)
     with warnings.catch_warnings():  # the buffers are read-only; they are only read
         warnings.simplefilter("ignore", UserWarning)
         for i, it in enumerate(items):
@@ -452,15 +452,19 @@ class _ShmRing:
     that, so ``depth = prefetch_factor + 3`` never overwrites a batch still in use.
     """
 
-    def __init__(self, depth: int = 5, max_bytes: int = 1 << 30):
-        self.depth, self.max_bytes, self.rings = depth, max_bytes, OrderedDict()
+    def __init__(self, depth: int = 5, max_bytes: int = 1 << 30, shared: bool = True):
+        self.depth, self.max_bytes, self.shared, self.rings = depth, max_bytes, shared, OrderedDict()
+
+    def _new(self, shape) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=torch.uint8)
+        return buf.share_memory_() if self.shared else buf
 
     def take(self, shape) -> torch.Tensor:
         if self.max_bytes <= 0:
-            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+            return self._new(shape)
         ring = self.rings.pop(shape, None) or []
         if len(ring) < self.depth:
-            buf = torch.empty(shape, dtype=torch.uint8).share_memory_()
+            buf = self._new(shape)
         else:
             buf = ring.pop(0)
         ring.append(buf)
@@ -471,6 +475,8 @@ class _ShmRing:
 
 
 _SHM_RING = _ShmRing()
+# In-process loading (no workers): ShardLoader converts (copies) each batch before asking for the next one.
+_LOCAL_RING = _ShmRing(depth=2, shared=False)
 
 
 class _FloatPool:
@@ -510,6 +516,7 @@ class _StreamsDataset(IterableDataset):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         _SHM_RING.depth, _SHM_RING.max_bytes = self.cfg["shm_ring_depth"], self.cfg["shm_ring_bytes"]
+        _LOCAL_RING.max_bytes = self.cfg["shm_ring_bytes"]
         cfg = self.cfg
         first = cfg["rank"] * cfg["streams_per_rank"]
         sids = [first + l for l in range(cfg["streams_per_rank"]) if l % nw == w]

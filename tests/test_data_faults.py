@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipeline.buckets import BucketSpec
@@ -378,3 +379,20 @@ def test_reduced_size_decoding_keeps_bucket_and_crop(crop):
     if crop == "random":  # a different crop box would be far off: the fast path uses the same one
         assert psnr(other, full) < psnr(fast, full) - 5
     assert np.array_equal(np.asarray(fast), np.asarray(decode_to_bucket(data, spec, random.Random(7))[0]))
+
+
+def test_jpeg_crop_only_path_is_pil_exact_and_flips(tmp_path):
+    data = halves_jpeg(48, 56)  # bucket 48x48: no resize, a centre crop of 8 rows straight from the decoder
+    pixels, bucket = decode_to_bucket(data, BucketSpec("fixed", 48), random.Random(0))
+    assert bucket == (48, 48) and isinstance(pixels, np.ndarray)
+    assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[4:52])
+    d = tmp_path / "j"
+    d.mkdir()
+    write_tar(d / "a.tar", [(f"k{i}", {"jpg": data, "txt": b"halves"}) for i in range(12)])
+    write_index(str(d), [("a.tar", 12)])
+    loader = ShardLoader([str(d)], 4, resolution=48, epochs=1, hflip=True, seed=3)
+    images = torch.cat([b["image"] for b in loader])
+    left_red = images[:, 0, :, :20].mean((1, 2)) > 0.6
+    right_red = images[:, 0, :, 28:].mean((1, 2)) > 0.6
+    assert images.shape == (12, 3, 48, 48) and bool((left_red ^ right_red).all())
+    assert 0 < int(right_red.sum()) < 12  # some flipped, some not
