@@ -1,13 +1,14 @@
 """Image decoding shared by the shard builder and the loader.
 
 * a decoded-pixel cap checked on the header, before any pixel is decoded (:class:`ImageTooLarge`);
-* EXIF orientation applied once (:func:`exif_transpose`; :func:`oriented_size` reads it from the header);
+* EXIF orientation read from the header (:func:`exif_orientation`) and applied once (:func:`exif_transpose`);
 * any PIL mode to 8-bit RGB (:func:`to_rgb`): 16/32-bit integer and float samples are rescaled, not clipped,
   and transparency is composited over white;
 * decoder failures sorted into ``truncated`` (a valid start that ends early) and ``corrupt``
   (:func:`decode_failure_reason`);
-* JPEGs decoded by libjpeg-turbo through simplejpeg, at reduced size in the DCT domain (scaling by n/8)
-  when the bucket needs fewer pixels than the source (:func:`decode_to_bucket`).
+* JPEGs decoded by libjpeg-turbo through simplejpeg (the same pixels as PIL, faster), at reduced size in the
+  DCT domain (scaling by n/8) when the source is at least twice what the bucket needs on both sides
+  (:func:`decode_to_bucket`).
 """
 from __future__ import annotations
 
@@ -111,8 +112,9 @@ def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
                      ) -> Tuple[Union[Image.Image, np.ndarray], Bucket]:
     """Bytes -> RGB pixels of the bucket's exact size, and the bucket (``reduced=False``: always full decoding).
 
-    The pixels are a PIL image, or an HWC uint8 array when the decoded JPEG only needed cropping (a view: no
-    copy until the batch is filled). The bucket and the crop come from the oriented full-size header
+    The pixels are a PIL image, or an HWC uint8 array when a decoded JPEG needed only cropping (a view: no copy
+    until the batch is filled) or cropping on the pixel grid and resizing (torch's resize, see
+    :func:`_resize_array`). The bucket and the crop come from the oriented full-size header
     dimensions, so reduced-size decoding changes neither: the crop box (in source coordinates) is scaled by the
     decoder's n/8. Reduced-size decoding is used only when the source has at least twice the pixels the
     resize needs on both sides (smaller reductions cost more quality than they save time).
@@ -130,19 +132,34 @@ def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
         needed = img.size
     th, tw = bucket
     pixels, scale = _decode_jpeg(data, img, needed)
-    if pixels is not None and orientation == 1 and scale == 1 and (rw, rh) == (width, height):
-        left, top, right, bottom = (round(v) for v in box)
-        return pixels[top:bottom, left:right], bucket
-    if pixels is None:
-        img.load()
-    else:
-        img = Image.fromarray(pixels)
+    box = tuple(v * scale for v in box)  # in decoded pixels
+    whole = _whole_pixels(box)
+    if pixels is not None and orientation == 1 and whole:  # stay in the decoder's array
+        left, top, right, bottom = whole
+        crop = pixels[top:bottom, left:right]
+        return (crop if (right - left, bottom - top) == (tw, th) else _resize_array(crop, bucket)), bucket
+    img = img if pixels is None else Image.fromarray(pixels)
+    img.load()
     img = to_rgb(exif_transpose(img, orientation))
-    if scale == 1 and (rw, rh) == img.size:
-        box = tuple(round(v) for v in box)
-        return (img.crop(box) if box != (0, 0, tw, th) else img), bucket
-    box = tuple(v * scale for v in box)
+    if whole and (whole[2] - whole[0], whole[3] - whole[1]) == (tw, th):
+        return (img.crop(whole) if whole != (0, 0, tw, th) else img), bucket
     return img.resize((tw, th), resample=Image.BICUBIC, box=box), bucket
+
+
+def _whole_pixels(box) -> Optional[Tuple[int, int, int, int]]:
+    """``box`` as ints when it lies on the pixel grid, else None."""
+    ints = tuple(round(v) for v in box)
+    return ints if all(abs(v - i) < 1e-6 for v, i in zip(box, ints)) else None
+
+
+def _resize_array(pixels: np.ndarray, bucket: Bucket) -> np.ndarray:
+    """HWC uint8 -> ``bucket`` (h, w) with torch's antialiased bicubic, PIL's filter (a = -0.5, support scaled
+    with the reduction) in vectorised uint8 kernels: about 4x faster than PIL's resize, within rounding of it."""
+    import torch  # here, not at the top: the shard builder's worker processes need no torch
+    # A channels-last NCHW view of contiguous HWC rows: the layout torch's fast uint8 kernels take.
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)
+    out = torch.nn.functional.interpolate(x, size=tuple(bucket), mode="bicubic", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 def _decode_jpeg(data: bytes, img: Image.Image, needed: Tuple[int, int]):

@@ -396,3 +396,12 @@ def test_jpeg_crop_only_path_is_pil_exact_and_flips(tmp_path):
     right_red = images[:, 0, :, 28:].mean((1, 2)) > 0.6
     assert images.shape == (12, 3, 48, 48) and bool((left_red ^ right_red).all())
     assert 0 < int(right_red.sum()) < 12  # some flipped, some not
+
+
+def test_grid_aligned_resize_matches_pil_bicubic():
+    data = _photo_jpeg(384, 384)
+    pixels, _ = decode_to_bucket(data, BucketSpec("fixed", 256), random.Random(0))
+    assert isinstance(pixels, np.ndarray) and pixels.shape == (256, 256, 3)  # torch's antialiased bicubic
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((256, 256), Image.BICUBIC), np.int16)
+    diff = np.abs(pixels.astype(np.int16) - ref)
+    assert diff.mean() < 0.1 and psnr(pixels, ref) > 50
