@@ -165,7 +165,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--case", default="both", choices=["both", *CASES], help="which bench case(s)")
     p.add_argument("--num", type=int, default=160, help="JPEGs per case")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="loader batch size")
     p.add_argument("--repeats", type=int, default=3, help="interleaved floor/loader repeats (paired ratios)")
     p.add_argument("--warmup", type=int, default=40, help="loader batches before timing (steady state)")
     p.add_argument("--workdir", default=None, help="keep the JPEGs and shards here (reused when present)")

@@ -292,9 +292,10 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="image folder, manifest (.jsonl/.csv/.parquet), shard spec/dir, or ImageNet tree")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--kind", default="auto", choices=["auto", "folder", "manifest", "wds", "imagenet"])
+    p.add_argument("--kind", default="auto", choices=["auto", "folder", "manifest", "wds", "imagenet"],
+                   help="source kind (auto: guessed from the path)")
     p.add_argument("--name", default="data", help="shard name prefix (<name>-%%06d.tar)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar")
     p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is smaller")
     p.add_argument("--max-side", type=int, default=None, help="downscale (re-encode) images above this long side")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
@@ -305,9 +306,10 @@ def main(argv=None):
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="skip images whose header announces more pixels than this (0 = PIL's own limit only)")
     p.add_argument("--no-caption-ok", action="store_true", help="keep caption-less samples (class-conditional)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="decode/validate processes")
     p.add_argument("--resume", action="store_true", help="keep complete shards, rebuild from the first partial one")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
