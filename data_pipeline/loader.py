@@ -6,6 +6,10 @@ How samples flow (one *stream* = one independent, deterministic reader):
       -> raw samples -> shuffle buffer (raw bytes) -> decode + caption choice + bucket resize/crop
       -> per-bucket accumulation -> batch of one bucket shape
 
+Decoding (:mod:`data_pipeline.decode`) caps decoded pixels, applies EXIF orientation, converts any mode to
+8-bit RGB and decodes JPEGs at reduced size when the bucket allows; per-sample fields are validated by
+:mod:`data_pipeline.sample_meta`. A bad sample is counted under its reason and skipped, never a crash.
+
 Each rank runs ``streams_per_rank`` streams; dataloader worker ``w`` of ``W`` serves the streams
 ``l % W == w``. Streams, not workers, own the data order, so a job may resume with a different number of
 workers. Every batch leaves its worker with the state of its stream right after it; the main process keeps
