@@ -94,6 +94,22 @@ class BucketSpec:
         return resize_cover_crop(img, bucket, random_crop=self.crop == "random", rng=rng)
 
 
+def cover_box(width: int, height: int, size: Bucket, random_crop: bool = False, rng=None):
+    """Resize-to-cover then crop, as numbers: ``((rw, rh), box)``, the size the whole image would be resized to
+    so that it covers ``size`` (h, w) keeping its aspect ratio, and the region of the source (in its pixels,
+    floats) that ends up in the crop (centre, or random from ``rng``)."""
+    th, tw = size
+    scale = max(th / height, tw / width)
+    rw, rh = max(tw, math.ceil(width * scale - 1e-6)), max(th, math.ceil(height * scale - 1e-6))
+    if random_crop:
+        rng = rng or random
+        left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
+    else:
+        left, top = (rw - tw) // 2, (rh - th) // 2
+    sx, sy = width / rw, height / rh
+    return (rw, rh), (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+
+
 def resize_cover_crop(img: Image.Image, size: Bucket, random_crop: bool = False,
                       rng: Optional[random.Random] = None, resample=Image.BICUBIC) -> Image.Image:
     """Resize so the image covers ``size`` (h, w) keeping its aspect ratio, then crop to exactly ``size``.
@@ -102,20 +118,11 @@ def resize_cover_crop(img: Image.Image, size: Bucket, random_crop: bool = False,
     pixel that is cropped away is ever resampled.
     """
     th, tw = size
-    w, h = img.size
-    scale = max(th / h, tw / w)
-    rw, rh = max(tw, math.ceil(w * scale - 1e-6)), max(th, math.ceil(h * scale - 1e-6))
-    if random_crop:
-        rng = rng or random
-        left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
-    else:
-        left, top = (rw - tw) // 2, (rh - th) // 2
-    if (rw, rh) == (w, h):
-        if (left, top, rw, rh) != (0, 0, tw, th):
-            img = img.crop((left, top, left + tw, top + th))
-        return img
-    sx, sy = w / rw, h / rh
-    return img.resize((tw, th), resample=resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
+    (rw, rh), box = cover_box(img.width, img.height, size, random_crop, rng)
+    if (rw, rh) == img.size:
+        box = tuple(round(v) for v in box)
+        return img.crop(box) if box != (0, 0, tw, th) else img
+    return img.resize((tw, th), resample=resample, box=box)
 
 
 def adm_center_crop(img: Image.Image, size: Bucket) -> Image.Image:

@@ -9,6 +9,7 @@ when complete, then the index is rewritten atomically, so a killed build leaves 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
 import json
@@ -21,10 +22,12 @@ from collections import Counter
 from multiprocessing import get_context
 from typing import Dict, Iterable, Optional, Tuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline import sources
+from data_pipeline.decode import (DEFAULT_MAX_PIXELS, decode_failure_reason, exif_orientation, exif_transpose,
+                                  open_image, oriented_size, to_rgb)
 from data_pipeline.shard_index import INDEX_NAME, STATS_NAME, read_index, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -34,9 +37,10 @@ _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 class BuildOptions:
     def __init__(self, min_side: int = 0, max_side: Optional[int] = None, reencode: bool = False,
-                 require_caption: bool = True, jpeg_quality: int = 95, min_score: Optional[float] = None):
+                 require_caption: bool = True, jpeg_quality: int = 95, min_score: Optional[float] = None,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
         self.min_side, self.max_side, self.reencode, self.min_score = min_side, max_side, reencode, min_score
-        self.require_caption, self.jpeg_quality = require_caption, jpeg_quality
+        self.require_caption, self.jpeg_quality, self.max_pixels = require_caption, jpeg_quality, max_pixels
 
 
 def prepare_sample(record: Dict, opts: BuildOptions) -> Tuple[str, object]:
@@ -63,20 +67,22 @@ def prepare_sample(record: Dict, opts: BuildOptions) -> Tuple[str, object]:
     if not data:
         return "skip", ("missing_image", "")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, opts.max_pixels)
         fmt = img.format
         img.load()
-    except UnidentifiedImageError as e:
-        return "skip", ("corrupt", repr(e))
-    except (OSError, SyntaxError, ValueError) as e:
-        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
-        return "skip", (reason, repr(e))
-    w, h = img.size
+        orientation = exif_orientation(img)
+    except Exception as e:  # noqa: BLE001 - any decoder failure (bombs included) is a counted skip
+        return "skip", (decode_failure_reason(data, e), repr(e))
+    w, h = oriented_size(img.width, img.height, orientation)
     if min(w, h) < opts.min_side:
         return "skip", ("too_small", f"{w}x{h}")
     too_big = opts.max_side is not None and max(w, h) > opts.max_side
     if opts.reencode or too_big or fmt not in _FORMAT_EXT or img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")
+        # Re-encoded pixels are oriented and carry no EXIF, so the loader does not rotate them again.
+        try:
+            img = to_rgb(exif_transpose(img, orientation))
+        except Exception as e:  # noqa: BLE001 - exotic modes PIL cannot convert
+            return "skip", ("corrupt", repr(e))
         if too_big:
             s = opts.max_side / max(w, h)
             img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
@@ -84,7 +90,7 @@ def prepare_sample(record: Dict, opts: BuildOptions) -> Tuple[str, object]:
         img.save(buf, format="JPEG", quality=opts.jpeg_quality)
         data, ext = buf.getvalue(), "jpg"
         w, h = img.size
-    else:
+    else:  # kept as is: the json records the oriented size, the loader applies the orientation
         ext = _FORMAT_EXT[fmt]
     main = caps.get("prompt") or (caps[sorted(caps)[0]] if caps else "")
     meta = dict(record.get("extra") or {})
@@ -138,6 +144,34 @@ class _ShardWriter:
         return entry
 
 
+_WARN_PER_REASON = 5
+
+
+class _UniqueKeys:
+    """One key per distinct source: a second file whose name sanitises to a taken key (``my photo`` and
+    ``my_photo``) gets the key plus a short hash of its path; the same source listed twice is a duplicate."""
+
+    def __init__(self, seen: set):
+        self.seen, self.source_of, self.renamed = seen, {}, 0
+
+    def assign(self, record: Dict) -> Optional[str]:
+        key = record["key"]
+        source = record["image"] if isinstance(record.get("image"), str) else record.get("origin")
+        if key in self.seen:
+            if source is None or self.source_of.get(key) == source:
+                return None
+            key = f"{key}_{hashlib.sha1(str(source).encode()).hexdigest()[:8]}"
+            if key in self.seen:
+                return None
+            self.renamed += 1
+            if self.renamed <= _WARN_PER_REASON:
+                log.warning("key %r is taken by another source file: %s is written as %r", record["key"],
+                            source, key)
+        self.seen.add(key)
+        self.source_of[key] = source
+        return key
+
+
 def build_shards(records: Iterable[Dict], out_dir: str, name: str = "data", samples_per_shard: int = 1000,
                  opts: Optional[BuildOptions] = None, workers: int = 0, resume: bool = False,
                  classes=None, progress: bool = True, dataset_name: Optional[str] = None) -> Dict:
@@ -156,8 +190,8 @@ def build_shards(records: Iterable[Dict], out_dir: str, name: str = "data", samp
             inputs_done = shards[-1]["inputs_end"]
             skipped.update(shards[-1].get("skipped_so_far", {}))
     elif os.path.exists(index_path):
-        raise FileExistsError(f"{out_dir} already holds a dataset index; pass resume=True (--resume) or use "
-                              f"an empty directory")
+        raise FileExistsError(f"{out_dir} already holds a dataset ({INDEX_NAME}); pass --resume to continue "
+                              f"that build, or choose another --out")
     # Anything not recorded as complete (partial tars, later shards of an interrupted build) is rebuilt.
     keep = {s["name"] for s in shards}
     for f in os.listdir(out_dir):
@@ -181,26 +215,32 @@ def build_shards(records: Iterable[Dict], out_dir: str, name: str = "data", samp
     t0 = time.time()
     written = sum(s["count"] for s in shards)
     new_written = 0
-    warned = set()
+    warned, keys = Counter(), _UniqueKeys(seen)
+    total = getattr(records, "total", None)
+    if total is None and hasattr(records, "__len__"):
+        total = len(records)
     it = itertools.islice(iter(records), inputs_done, None)
     pool = get_context("spawn").Pool(workers) if workers and workers > 1 else None
     try:
         jobs = ((r, opts) for r in it)
         results = pool.imap(_prepare_star, jobs, chunksize=8) if pool else map(_prepare_star, jobs)
-        bar = tqdm(results, unit="img", disable=not progress, desc=f"shards -> {out_dir}", dynamic_ncols=True)
+        bar = tqdm(results, unit="img", disable=not progress, desc=f"shards -> {out_dir}", dynamic_ncols=True,
+                   total=total, initial=inputs_done)
         for record, (status, payload) in bar:
             inputs_done += 1
+            key = keys.assign(record) if status == "ok" else None
+            if status == "ok" and key is None:
+                status, payload = "skip", ("duplicate_key", f"{record['key']} (same source listed twice)")
             if status == "skip":
                 reason, detail = payload
                 skipped[reason] += 1
-                if reason not in warned:
-                    warned.add(reason)
-                    log.warning("skipping %s (%s): %s %s", record.get("key"), reason, record.get("origin"), detail)
-            elif record["key"] in seen:
-                skipped["duplicate_key"] += 1
+                warned[reason] += 1
+                if warned[reason] <= _WARN_PER_REASON:
+                    more = " (further ones are counted, not printed)" if warned[reason] == _WARN_PER_REASON else ""
+                    log.warning("skipping %s (%s): %s %s%s", record.get("key"), reason, record.get("origin"), detail,
+                                more)
             else:
-                seen.add(record["key"])
-                writer.add(record["key"], payload)
+                writer.add(key, payload)
                 written += 1
                 new_written += 1
                 if writer.count >= samples_per_shard:
@@ -222,7 +262,11 @@ def build_shards(records: Iterable[Dict], out_dir: str, name: str = "data", samp
             os.remove(writer.tmp)
     write_index(final=True)
     dt = time.time() - t0
+    if keys.renamed:
+        log.warning("%d samples got a hashed key because another source file has the same sanitised name",
+                    keys.renamed)
     stats = {"inputs": inputs_done, "written": written, "skipped": dict(skipped), "shards": len(shards),
+             "renamed_keys": keys.renamed,
              "seconds": round(dt, 3), "images_per_s": round(new_written / dt, 2) if dt > 0 else None}
     write_json_atomic(os.path.join(out_dir, STATS_NAME), stats)
     return stats
@@ -244,28 +288,39 @@ def records_for(source: str, kind: str = "auto"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="t2i-build-shards", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="t2i-build-shards", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="image folder, manifest (.jsonl/.csv/.parquet), shard spec/dir, or ImageNet tree")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--kind", default="auto", choices=["auto", "folder", "manifest", "wds", "imagenet"])
+    p.add_argument("--kind", default="auto", choices=["auto", "folder", "manifest", "wds", "imagenet"],
+                   help="source kind (auto: guessed from the path)")
     p.add_argument("--name", default="data", help="shard name prefix (<name>-%%06d.tar)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar")
     p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is smaller")
     p.add_argument("--max-side", type=int, default=None, help="downscale (re-encode) images above this long side")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     p.add_argument("--min-score", type=float, default=None,
-                   help="skip samples whose best caption score is below this (samples without scores are kept)")
+                   help="skip samples whose best caption score is below this, on the CLIP-score scale "
+                        "100 x cosine similarity (img2dataset's `similarity` 0.25 = 25); samples without scores "
+                        "are kept")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="skip images whose header announces more pixels than this (0 = PIL's own limit only)")
     p.add_argument("--no-caption-ok", action="store_true", help="keep caption-less samples (class-conditional)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="decode/validate processes")
     p.add_argument("--resume", action="store_true", help="keep complete shards, rebuild from the first partial one")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    records, classes, require_caption = records_for(a.source, a.kind)
-    opts = BuildOptions(min_side=a.min_side, max_side=a.max_side, reencode=a.reencode, min_score=a.min_score,
-                        require_caption=require_caption and not a.no_caption_ok)
-    stats = build_shards(records, a.out, name=a.name, samples_per_shard=a.samples_per_shard, opts=opts,
-                         workers=a.workers, resume=a.resume, classes=classes, progress=not a.quiet)
+    try:
+        records, classes, require_caption = records_for(a.source, a.kind)
+        opts = BuildOptions(min_side=a.min_side, max_side=a.max_side, reencode=a.reencode, min_score=a.min_score,
+                            require_caption=require_caption and not a.no_caption_ok, max_pixels=a.max_pixels)
+        stats = build_shards(records, a.out, name=a.name, samples_per_shard=a.samples_per_shard, opts=opts,
+                             workers=a.workers, resume=a.resume, classes=classes, progress=not a.quiet)
+    except (sources.SourceError, FileExistsError) as e:  # bad input: one line, nothing written is lost
+        print(f"t2i-build-shards: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(stats, indent=1, sort_keys=True))
     return 0
 

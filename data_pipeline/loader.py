@@ -6,6 +6,10 @@ How samples flow (one *stream* = one independent, deterministic reader):
       -> raw samples -> shuffle buffer (raw bytes) -> decode + caption choice + bucket resize/crop
       -> per-bucket accumulation -> batch of one bucket shape
 
+Decoding (:mod:`data_pipeline.decode`) caps decoded pixels, applies EXIF orientation, converts any mode to
+8-bit RGB and decodes JPEGs at reduced size when the bucket allows; per-sample fields are validated by
+:mod:`data_pipeline.sample_meta`. A bad sample is counted under its reason and skipped, never a crash.
+
 Each rank runs ``streams_per_rank`` streams; dataloader worker ``w`` of ``W`` serves the streams
 ``l % W == w``. Streams, not workers, own the data order, so a job may resume with a different number of
 workers. Every batch leaves its worker with the state of its stream right after it; the main process keeps
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import os
 import random
@@ -46,15 +49,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.buckets import BucketSpec
 from data_pipeline.captions import MAIN_SOURCE, caption_dropout, captions_from_json, choose_caption
+from data_pipeline.decode import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_to_bucket
+from data_pipeline.sample_meta import BadSample, decode_caption, parse_json_meta, parse_label
 from data_pipeline.shard_index import find_index, read_index
-from data_pipeline.tario import iter_shard, shard_name
+from data_pipeline.tario import is_local, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATE_VERSION = 1
-BAD_DATA_REASONS = ("decode_error", "missing_image", "missing_caption", "truncated_shard", "unreadable_shard",
-                    "bad_json")
+BAD_DATA_REASONS = ("decode_error", "too_large", "missing_image", "missing_caption", "truncated_shard",
+                    "unreadable_shard", "bad_json", "bad_caption", "bad_label")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -69,32 +74,62 @@ class DatasetSpec:
             raise ValueError(f"dataset {name!r} has no shards")
 
     @classmethod
-    def from_config(cls, entry) -> "DatasetSpec":
+    def from_config(cls, entry, base_dir: Optional[str] = None) -> "DatasetSpec":
         """``"dir"`` | ``{"path": dir}`` | ``{"urls": "pipe:aws s3 cp s3://b/x-{000000..000099}.tar -",
-        "index": "index.json"}``, each with an optional ``weight``."""
+        "index": "index.json"}``, each with an optional ``weight``. Relative local paths resolve against
+        ``base_dir`` (default: the current directory); a local path that does not exist is an error."""
         if isinstance(entry, str):
             entry = {"path": entry}
         weight = entry.get("weight", 1.0)
         path = entry.get("path")
+        if path and not _is_spec(path):
+            path = _existing(path, base_dir, "dataset path")
         if path and os.path.isdir(path):
-            idx_path = entry.get("index") or find_index(path)
+            idx_path = _existing(entry["index"], base_dir, "index") if entry.get("index") else find_index(path)
             if not idx_path:
                 raise FileNotFoundError(f"{path}: no index.json (build the shards with t2i-build-shards)")
-            index = read_index(idx_path)
+            index = _read_checked_index(idx_path)
             urls = [os.path.join(path, s["name"]) for s in index["shards"]]
-            return cls(urls, [s["count"] for s in index["shards"]], weight, entry.get("name", index.get("name", path)))
+            return cls(urls, [s["count"] for s in index["shards"]], weight,
+                       entry.get("name", index.get("name", entry["path"])))
         spec = entry.get("urls") or path
         if not spec:
             raise ValueError(f"dataset entry {entry!r} needs 'path' (a shard directory) or 'urls'")
         specs = spec if isinstance(spec, list) else [spec]
         urls = [u for s in specs for u in braceexpand.braceexpand(s)]
+        urls = [_existing(u, base_dir, "shard") if is_local(u) and not u.startswith("file:") else u for u in urls]
         counts = None
         if entry.get("index"):
-            index = read_index(entry["index"])
+            index = _read_checked_index(_existing(entry["index"], base_dir, "index"))
             by_name = {s["name"]: s["count"] for s in index["shards"]}
             counts = [by_name.get(shard_name(u)) for u in urls]
             counts = None if any(c is None for c in counts) else counts
         return cls(urls, counts, weight, entry.get("name", specs[0]))
+
+
+def _is_spec(path: str) -> bool:
+    """A brace range, a ``pipe:`` command or a URL rather than one local directory."""
+    return "{" in path or not is_local(path)
+
+
+def _existing(path: str, base_dir: Optional[str], what: str) -> str:
+    """``path`` resolved against ``base_dir`` (or the current directory); an error naming both if missing."""
+    given = os.path.expanduser(path)
+    base = os.path.abspath(base_dir) if base_dir else os.getcwd()
+    resolved = given if os.path.isabs(given) else os.path.normpath(os.path.join(base, given))
+    if not os.path.exists(resolved):
+        where = "" if os.path.isabs(given) else (
+            f", relative to {'base directory ' + base if base_dir else 'the current directory ' + base}")
+        raise FileNotFoundError(f"{what} {path!r} not found (resolved to {resolved}{where})")
+    return resolved
+
+
+def _read_checked_index(path: str) -> Dict:
+    index = read_index(path)
+    if index.get("complete") is False:
+        log.warning("%s: the shard build did not finish (complete: false); using the %d samples written so far "
+                    "(finish it with t2i-build-shards ... --resume)", path, sum(s["count"] for s in index["shards"]))
+    return index
 
 
 # -------------------------------------------------------------------------------------------- the stream
@@ -162,15 +197,13 @@ class _Cursor:
             except StopIteration:
                 expected = self.ds.counts[shard] if self.ds.counts else None
                 if expected is not None and self.offset < expected:  # tar ended early on a header boundary
-                    self.counters["truncated_shard"] += 1
-                    self.warn("truncated_shard", shard_name(url), f"after member {self.offset}",
-                              f"{expected} samples in the index")
+                    self._shard_fault("truncated_shard", shard, stride, phase, f"after member {self.offset}",
+                                      f"{expected} samples in the index")
                 self._advance_shard()
                 continue
             except (OSError, tarfile.TarError, EOFError, ValueError) as e:
                 reason = "unreadable_shard" if self.offset == 0 else "truncated_shard"
-                self.counters[reason] += 1
-                self.warn(reason, shard_name(url), f"after member {self.offset}", repr(e))
+                self._shard_fault(reason, shard, stride, phase, f"after member {self.offset}", repr(e))
                 self._advance_shard()
                 continue
             self.offset = member + 1
@@ -181,6 +214,13 @@ class _Cursor:
             sample["__url__"] = url
             return sample
         return None
+
+    def _shard_fault(self, reason, shard, stride, phase, where, detail):
+        # With fewer shards than streams every stream reads every shard: only the stream that owns the shard
+        # (shard % stride == phase) counts and reports its fault, so the job counts it once.
+        if stride == 1 or shard % stride == phase:
+            self.counters[reason] += 1
+            self.warn(reason, shard_name(self.ds.urls[shard]), where, detail)
 
     def _advance_shard(self):
         self._it, self.task, self.offset = None, self.task + 1, 0
@@ -266,20 +306,14 @@ class _Stream:
                 self._warn(reason, shard, key, detail)
             return None
 
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except ValueError as e:
-                bad("bad_json", repr(e))
-                meta = {}
-        txt = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else None
-        label = meta.get("label")
-        if label is None and "cls" in sample:
-            try:
-                label = int(sample["cls"].decode().strip())
-            except ValueError:
-                label = None
+        try:
+            meta = parse_json_meta(sample["json"]) if "json" in sample else {}
+            txt = decode_caption(sample.get("txt"))
+            label = meta.get("label")
+            if label is None and "cls" in sample:
+                label = parse_label(sample["cls"])
+        except BadSample as e:
+            return bad(e.reason, e.detail)
         captions = captions_from_json(meta, txt)
         if cfg["use_text_emb"]:
             source, caption = MAIN_SOURCE, captions.get(MAIN_SOURCE, txt or "")
@@ -293,17 +327,14 @@ class _Stream:
         if ext is None:
             return bad("missing_image")
         try:
-            img = Image.open(io.BytesIO(sample[ext]))
-            bucket = self.spec.assign(img.height, img.width)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            img = self.spec.apply(img, bucket, prng)
-            img.load()
+            img, bucket = decode_to_bucket(sample[ext], self.spec, prng, cfg["max_pixels"])
+        except ImageTooLarge as e:
+            return bad("too_large", str(e))
         except Exception as e:  # noqa: BLE001 - any decoder failure is bad data, never a crash
             return bad("decode_error", repr(e))
         dropped = caption_dropout([caption], cfg["text_dropout"], prng)[0] == "" and caption != ""
         if cfg["hflip"] and prng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = img[:, ::-1] if isinstance(img, np.ndarray) else img.transpose(Image.FLIP_LEFT_RIGHT)
         item = {"loc": loc, "key": key, "bucket": bucket, "pixels": img,
                 "caption": "" if dropped else caption, "dropped": dropped, "label": label,
                 "meta": {**{k: v for k, v in meta.items() if k not in ("captions", "scores")},
@@ -364,14 +395,18 @@ def _tuplify(x):
 
 def collate(items: List[Dict], shared: bool = False) -> Dict:
     """One bucket's items -> batch; ``image`` is uint8 NHWC here (4x less to move between processes)."""
-    w, h = items[0]["pixels"].size
+    h, w = items[0]["bucket"]
     shape = (len(items), h, w, 3)  # channels last here; the main process makes NCHW while converting
     # In a worker: written in place in (recycled) shared memory, so the dataloader sends it without a copy.
-    pix = _SHM_RING.take(shape) if shared else torch.empty(shape, dtype=torch.uint8)
+    pix = (_SHM_RING if shared else _LOCAL_RING).take(shape)
     with warnings.catch_warnings():  # the buffers are read-only; they are only read
         warnings.simplefilter("ignore", UserWarning)
         for i, it in enumerate(items):
-            pix[i].copy_(torch.frombuffer(_rgb_bytes(it["pixels"]), dtype=torch.uint8).view(h, w, 3))
+            p = it["pixels"]
+            if isinstance(p, np.ndarray):  # a crop of the decoder's array: one copy, straight into the batch
+                pix[i].numpy()[...] = p
+            else:
+                pix[i].copy_(torch.frombuffer(_rgb_bytes(p), dtype=torch.uint8).view(h, w, 3))
     batch = {"image": pix,
              "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
              "meta": [it["meta"] for it in items],
@@ -421,15 +456,19 @@ class _ShmRing:
     that, so ``depth = prefetch_factor + 3`` never overwrites a batch still in use.
     """
 
-    def __init__(self, depth: int = 5, max_bytes: int = 1 << 30):
-        self.depth, self.max_bytes, self.rings = depth, max_bytes, OrderedDict()
+    def __init__(self, depth: int = 5, max_bytes: int = 1 << 30, shared: bool = True):
+        self.depth, self.max_bytes, self.shared, self.rings = depth, max_bytes, shared, OrderedDict()
+
+    def _new(self, shape) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=torch.uint8)
+        return buf.share_memory_() if self.shared else buf
 
     def take(self, shape) -> torch.Tensor:
         if self.max_bytes <= 0:
-            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+            return self._new(shape)
         ring = self.rings.pop(shape, None) or []
         if len(ring) < self.depth:
-            buf = torch.empty(shape, dtype=torch.uint8).share_memory_()
+            buf = self._new(shape)
         else:
             buf = ring.pop(0)
         ring.append(buf)
@@ -440,6 +479,8 @@ class _ShmRing:
 
 
 _SHM_RING = _ShmRing()
+# In-process loading (no workers): ShardLoader converts (copies) each batch before asking for the next one.
+_LOCAL_RING = _ShmRing(depth=2, shared=False)
 
 
 class _FloatPool:
@@ -479,6 +520,7 @@ class _StreamsDataset(IterableDataset):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         _SHM_RING.depth, _SHM_RING.max_bytes = self.cfg["shm_ring_depth"], self.cfg["shm_ring_bytes"]
+        _LOCAL_RING.max_bytes = self.cfg["shm_ring_bytes"]
         cfg = self.cfg
         first = cfg["rank"] * cfg["streams_per_rank"]
         sids = [first + l for l in range(cfg["streams_per_rank"]) if l % nw == w]
@@ -514,8 +556,10 @@ class ShardLoader:
                  caption_proportion: Optional[Dict[str, float]] = None, text_dropout: float = 0.0,
                  use_text_emb: bool = False, require_caption: Optional[bool] = None, prefetch_factor: int = 2,
                  pin_memory: bool = False, mp_context: Optional[str] = None, image_dtype: str = "float32",
-                 shm_ring_bytes: int = 1 << 30):
-        self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d) for d in datasets]
+                 shm_ring_bytes: int = 1 << 30, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 base_dir: Optional[str] = None):
+        # Every dataset is resolved and checked here, so a typo stops the run before the first step.
+        self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_config(d, base_dir) for d in datasets]
         spr = streams_per_rank or max(1, num_workers)
         self.cfg = {"batch_size": int(batch_size), "rank": int(rank), "world_size": int(world_size),
                     "seed": int(seed), "bucket_mode": bucket_mode, "resolution": int(resolution), "crop": crop,
@@ -525,7 +569,8 @@ class ShardLoader:
                     "clip_thr": float(clip_thr), "clip_thr_temperature": float(clip_thr_temperature),
                     "caption_proportion": caption_proportion, "text_dropout": float(text_dropout),
                     "use_text_emb": bool(use_text_emb), "require_caption": require_caption,
-                    "shm_ring_depth": int(prefetch_factor) + 3, "shm_ring_bytes": int(shm_ring_bytes)}
+                    "shm_ring_depth": int(prefetch_factor) + 3, "shm_ring_bytes": int(shm_ring_bytes),
+                    "max_pixels": int(max_pixels) if max_pixels else None}
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         if image_dtype not in ("float32", "uint8"):
             raise ValueError(f"image_dtype must be float32 or uint8, got {image_dtype!r}")

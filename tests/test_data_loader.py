@@ -259,11 +259,15 @@ def test_url_specs_with_braces_and_pipe_commands(synth):
 
 def test_bench_runs_end_to_end(tmp_path):
     from data_pipeline import bench
-    r = bench.run(num=8, batch_size=2, repeats=1, workdir=str(tmp_path), warmup=2)
-    assert r["images"] == 8
-    for k in ("floor", "loader_1worker", "loader_inprocess"):
-        assert r["images_per_s"][k]["wall"] > 0 and r["images_per_s"][k]["cpu"] > 0
-    assert r["ratio_1worker"]["cpu"] > 0
+    results = bench.run(num=8, batch_size=2, repeats=1, workdir=str(tmp_path), warmup=2)
+    assert sorted(results) == ["1024", "512"]
+    for r in results.values():
+        assert r["images"] == 8
+        for k in ("floor", "loader_1worker", "loader_inprocess"):
+            assert r["images_per_s"][k]["wall"] > 0 and r["images_per_s"][k]["cpu"] > 0
+        assert r["ratio_1worker"]["cpu"] > 0 and r["median_paired_ratio_inprocess"]["cpu"] > 0
+    assert results["512"]["psnr_fast_vs_full_db"]["min"] >= 35  # 2-3 MP sources: reduced-size decoding
+    assert results["1024"]["psnr_fast_vs_full_db"]["min"] == float("inf")  # < 2x the bucket: full decoding
 
 
 def test_loader_applies_clip_score_caption_rule(tmp_path):
