@@ -94,6 +94,13 @@ def check_loader(cfg: TrainConfig) -> None:
     for key in ("resolution", "image_size"):
         if isinstance(loader.get(key), int) and loader[key] <= 0:
             raise ConfigError(f"data.loader.{key}: must be > 0, got {loader[key]}")
+    datasets = loader.get("datasets") or loader.get("path")
+    for i, entry in enumerate(datasets if isinstance(datasets, list) else [datasets]):
+        where = entry.get("path") if isinstance(entry, dict) else entry
+        local = isinstance(where, str) and not where.startswith("pipe:") and "://" not in where \
+            and "{" not in where
+        if local and not Path(where).expanduser().exists():
+            raise ConfigError(f"data.loader.datasets[{i}]: {where} does not exist")
 
 
 def check_run(cfg: TrainConfig) -> None:
