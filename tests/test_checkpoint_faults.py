@@ -26,14 +26,14 @@ def env():
                 MASTER_ADDR="127.0.0.1", WANDB_MODE="offline")
 
 
-def tiny_config(tmp: Path, name: str, **backend) -> Path:
-    cfg = {"run": {"name": name, "output_dir": str(tmp / "runs"), "max_steps": 10},
+def tiny_config(tmp: Path, run_name: str, **backend) -> Path:
+    cfg = {"run": {"name": run_name, "output_dir": str(tmp / "runs"), "max_steps": 10},
            "model": {"spec": "pixeldit_tiny_c2i"},
            "data": {"source": "fixed", "fixed_image_size": 16, "fixed_num_samples": 4},
            "backend": {"name": "single", "precision": "fp32", "micro_batch": 2, **backend},
            "checkpoint": {"every": 5, "keep_last": 3},
            "logging": {"every": 1, "tqdm": False}}
-    path = tmp / f"{name}.yaml"
+    path = tmp / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -232,3 +232,71 @@ def test_dcp_metadata_of_a_real_save_loads_safely(tmp_path):
     dcp.load(out, storage_reader=SafeFileSystemReader(tmp_path / "dcp"), planner=WeightsOnlyLoadPlanner(),
              no_dist=True)
     assert torch.equal(out["w"], state["w"]) and out["hp"] == state["hp"]
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed, 2 ranks
+
+RESUME_WORKER = """
+import json, sys
+from t2i_train.config import load_config
+from t2i_train.engine import dist
+from t2i_train.train import Trainer
+out = {}
+for path in sys.argv[2:]:
+    t = Trainer(load_config(path))
+    out[path] = {"step": t.step, "rank": dist.rank()}
+    dist.barrier()
+if dist.rank() == 0:
+    open(sys.argv[1], "w").write(json.dumps(out))
+dist.barrier()
+dist.shutdown()
+"""
+
+DS_DAMAGE = {
+    "latest_binary_garbage": (lambda c: (c / "latest").write_bytes(b"\xff\x00"), 10, "latest: not text"),
+    "model_states_truncated": (lambda c: truncate(c / S10 / "deepspeed" / "mp_rank_00_model_states.pt"), 5,
+                               "deepspeed/mp_rank_00_model_states.pt: "),
+    "rank1_optimizer_corrupted": (lambda c: flip_byte(c / S10 / "deepspeed" /
+                                                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"), 5,
+                                  "zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 differs"),
+    "rank1_extras_truncated": (lambda c: truncate(c / S10 / "extra_rank1.pt"), 5, "extra_rank1.pt: "),
+    "meta_json_garbage": (lambda c: (c / S10 / "meta.json").write_text("{"), 5, "meta.json: "),
+    "manifest_missing": (lambda c: (c / S10 / MANIFEST).unlink(), 5, "no manifest.json"),
+}
+
+
+def _torchrun(tmp: Path, *args: str, timeout: int = 600):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), *args], env=env(),
+                          cwd=tmp, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_resume_skips_damage(tmp_path):
+    cfg = tiny_config(tmp_path, "zero2", name="deepspeed", zero_stage=2)
+    r = _torchrun(tmp_path, "-m", "t2i_train.train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = tmp_path / "runs" / "zero2"
+    manifest = json.loads((base / "checkpoints" / S10 / MANIFEST).read_text())
+    assert {"extra_rank0.pt", "extra_rank1.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"} \
+        <= set(manifest["files"])
+    configs = []
+    for case, (damage, _, _) in sorted(DS_DAMAGE.items()):
+        run = tmp_path / "runs" / case
+        shutil.copytree(base, run)
+        damage(run / "checkpoints")
+        configs.append(tiny_config(tmp_path, case, name="deepspeed", zero_stage=2))
+    (tmp_path / "worker.py").write_text(RESUME_WORKER)
+    r = _torchrun(tmp_path, str(tmp_path / "worker.py"), str(tmp_path / "out.json"), *map(str, configs))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    for case, (_, want_step, warning) in DS_DAMAGE.items():
+        assert got[str(tmp_path / f"{case}.yaml")]["step"] == want_step, case
+        start = [json.loads(l) for l in (tmp_path / "runs" / case / "events.jsonl").read_text().splitlines()][-1]
+        assert start["resumed_from"].endswith(f"step_{want_step:08d}"), case
+        assert any(warning in w for w in start["resume_warnings"]), (case, start["resume_warnings"])
