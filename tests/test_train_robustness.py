@@ -143,3 +143,46 @@ def test_demo_fsdp_command_in_the_header_is_valid():
     cfg = load_config(path, overrides)
     assert cfg.backend.name == "fsdp" and cfg.optim.name == "adamw"
     assert not math.isnan(cfg.optim.lr) and shlex.join(overrides)
+
+
+def test_spike_guard_counts_roll_backs_in_a_row_until_the_run_gets_past_the_failure():
+    from t2i_train.config import load_config
+    from t2i_train.engine.spike import SpikeGuard, SpikeGuardError
+
+    g = SpikeGuard(load_config(None, ["spike_guard.max_rollbacks=2"]).spike_guard)
+    g.check_rollback_allowed(20, "step_10")
+    g.note_rollback(failed_at=20)
+    g.accept(1.0, step=15)  # replaying below the failing step: still the same trouble
+    g.check_rollback_allowed(20, "step_10")
+    g.note_rollback(failed_at=20)
+    with pytest.raises(SpikeGuardError, match="2 roll-back\\(s\\) in a row to step_10 did not get past step 20"):
+        g.check_rollback_allowed(20, "step_10")
+    g2 = SpikeGuard(g.cfg)
+    g2.load_state_dict(g.state_dict())  # survives a restart
+    assert (g2.rollbacks_in_a_row, g2.failed_at) == (2, 20)
+    g2.accept(1.0, step=20)  # got past it: that roll-back worked
+    g2.check_rollback_allowed(30, "step_25")
+    zero = SpikeGuard(load_config(None, ["spike_guard.max_rollbacks=0"]).spike_guard)
+    with pytest.raises(SpikeGuardError, match="no roll-back is allowed"):
+        zero.check_rollback_allowed(5, "step_00000005")
+
+
+def test_save_fsyncs_every_file_before_publishing(tmp_path, monkeypatch):
+    from t2i_train.config import load_config
+    from t2i_train.engine import integrity
+    from t2i_train.engine.backends import SingleBackend, TrainModule
+    from t2i_train.engine.checkpoint import CheckpointManager
+
+    synced, published = [], []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(integrity.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    monkeypatch.setattr(Path, "rename", lambda self, target: published.append((self.name, len(synced)))
+                        or real_rename(self, target))
+    backend = SingleBackend(load_config(None, ["backend.precision=fp32"]),
+                            TrainModule(torch.nn.Linear(2, 2), torch.nn.Module()), torch.device("cpu"))
+    CheckpointManager(tmp_path, keep_last=2).save(1, backend, {"step": 1}, {})
+    name, synced_before = next(p for p in published if p[0] == ".tmp-step_00000001")
+    before = {Path(p).name for p in synced[:synced_before]}
+    assert {"state.pt", "extra_rank0.pt", "meta.json", "manifest.json.tmp", ".tmp-step_00000001"} <= before
+    assert any(Path(p).name == "latest.tmp" for p in synced[synced_before:])
