@@ -186,3 +186,15 @@ def test_save_fsyncs_every_file_before_publishing(tmp_path, monkeypatch):
     before = {Path(p).name for p in synced[:synced_before]}
     assert {"state.pt", "extra_rank0.pt", "meta.json", "manifest.json.tmp", ".tmp-step_00000001"} <= before
     assert any(Path(p).name == "latest.tmp" for p in synced[synced_before:])
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO / "configs").as_posix()
+                                        for p in (REPO / "configs").rglob("*.yaml")))
+def test_shipped_configs_pass_the_preflight_checks(path):
+    """No false alarms: model, text encoder and bucket settings of every shipped config are accepted."""
+    from t2i_train.config import load_config
+    from t2i_train.engine.preflight import check_buckets, check_model, check_text_encoder
+
+    cfg = load_config(REPO / "configs" / path)
+    check_text_encoder(cfg, check_model(cfg))
+    check_buckets(cfg.data.loader)

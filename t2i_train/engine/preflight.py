@@ -94,6 +94,7 @@ def check_loader(cfg: TrainConfig) -> None:
     for key in ("resolution", "image_size"):
         if isinstance(loader.get(key), int) and loader[key] <= 0:
             raise ConfigError(f"data.loader.{key}: must be > 0, got {loader[key]}")
+    check_buckets(loader)
     datasets = loader.get("datasets") or loader.get("path")
     for i, entry in enumerate(datasets if isinstance(datasets, list) else [datasets]):
         where = entry.get("path") if isinstance(entry, dict) else entry
@@ -101,6 +102,17 @@ def check_loader(cfg: TrainConfig) -> None:
             and "{" not in where
         if local and not Path(where).expanduser().exists():
             raise ConfigError(f"data.loader.datasets[{i}]: {where} does not exist")
+
+
+def check_buckets(loader: dict) -> None:
+    from data_pipeline.buckets import BucketSpec
+
+    mode = loader.get("bucket_mode", "multi" if loader.get("multi_scale") else "fixed")
+    try:
+        BucketSpec(mode, loader.get("resolution", loader.get("image_size", 512)), loader.get("crop", "center"),
+                   table=loader.get("bucket_table"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"data.loader (bucket_mode, resolution, crop): {e}") from e
 
 
 def check_run(cfg: TrainConfig) -> None:
