@@ -109,7 +109,8 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = 1000
     keep_last: int = 3
-    resume: Literal["auto", "never"] = "auto"  # auto: continue from run_dir/checkpoints/latest when present
+    resume: str = "auto"  # auto: the newest intact run_dir/checkpoints/step_*; never; or a step_* directory
+    verify: Literal["sha256", "size"] = "sha256"  # resume checks every file's sha256 (or only sizes) first
     export_every: int = 0  # 0: export EMA weights only at the end
 
 
@@ -136,7 +137,8 @@ class SpikeGuardConfig:
     min_history: int = 20  # no spike test before this many accepted steps
     sigma: float = 6.0  # loss > mean + sigma·std ...
     ratio: float = 3.0  # ... and loss > ratio·mean is a spike
-    max_consecutive: int = 5  # then roll back to the last checkpoint with a new data order
+    max_consecutive: int = 5  # then roll back to the last known-good checkpoint with a new data order
+    max_rollbacks: int = 3  # roll-backs in a row that do not get past the failing step before the run stops
     inject_nan_at: list[int] = field(default_factory=list)  # testing aid: rank 0's loss is NaN at these steps (before any roll-back)
 
 
@@ -246,14 +248,23 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: {_yaml_problem(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     base = data.pop("extends", None)
     if base:
         data = _deep_merge(_read_yaml((path.parent / base).resolve()), data)
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error{where}: {getattr(e, 'problem', None) or e}"
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -272,7 +283,10 @@ def apply_override(data: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: {_yaml_problem(e)}") from e
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -283,6 +297,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.run.max_steps > 0, f"run.max_steps: must be > 0, got {cfg.run.max_steps}")
     need(cfg.optim.lr > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0, got {cfg.optim.grad_clip}")
+    need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
+    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {cfg.optim.weight_decay}")
     nb = 3 if cfg.optim.name == "came" else 2
     need(len(cfg.optim.betas) == nb, f"optim.betas: {cfg.optim.name} needs {nb} betas, got {cfg.optim.betas}")
     ne = 2 if cfg.optim.name == "came" else 1
@@ -300,6 +316,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.spike_guard.max_consecutive >= 1,
          f"spike_guard.max_consecutive: must be >= 1, got {cfg.spike_guard.max_consecutive}")
     need(cfg.logging.every > 0, f"logging.every: must be > 0, got {cfg.logging.every}")
+    need(cfg.spike_guard.max_rollbacks >= 0,
+         f"spike_guard.max_rollbacks: must be >= 0, got {cfg.spike_guard.max_rollbacks}")
+    need(cfg.checkpoint.resume in ("auto", "never") or Path(cfg.checkpoint.resume).is_dir(),
+         f"checkpoint.resume: {cfg.checkpoint.resume!r} is not auto, never or an existing checkpoint directory")
     return cfg
 
 

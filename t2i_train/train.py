@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import random
@@ -29,11 +28,12 @@ import torch
 from t2i_train.config import ConfigError, TrainConfig, check_global_batch, dump_yaml, load_config, to_dict
 from t2i_train.engine import dist as d
 from t2i_train.engine.backends import TrainModule, build_backend
-from t2i_train.engine.checkpoint import CheckpointManager
+from t2i_train.engine.checkpoint import CheckpointManager, ResumeError, step_of
 from t2i_train.engine.ema import ShardedEMA
-from t2i_train.engine.monitor import Monitor, peak_flops
+from t2i_train.engine.monitor import Monitor, json_line, peak_flops
+from t2i_train.engine.preflight import check_run
 from t2i_train.engine.schedule import clip_at, lr_at
-from t2i_train.engine.spike import SpikeGuard
+from t2i_train.engine.spike import SpikeGuard, SpikeGuardError
 from t2i_train.engine.text_adapter import build_text_encoder
 
 
@@ -72,7 +72,7 @@ class FixedSource:
         out = []
         for m in range(a):
             idx = order[(m * w + r) * b: (m * w + r + 1) * b]
-            batch = {"image": self.images[idx]}
+            batch = {"image": self.images[idx], "key": [f"fixed/{int(i)}" for i in idx]}
             if hasattr(self, "text"):
                 batch["text_emb"], batch["text_mask"] = self.text[idx], self.mask[idx]
             else:
@@ -103,8 +103,11 @@ class LoaderSource:
     def _build(self):
         from data_pipeline.loader import build_loader
 
-        self.loader = build_loader(self.cfg.data.loader, rank=d.rank(), world_size=d.world_size(), seed=self.seed,
-                                   batch_size=self.cfg.backend.micro_batch)
+        try:
+            self.loader = build_loader(self.cfg.data.loader, rank=d.rank(), world_size=d.world_size(),
+                                       seed=self.seed, batch_size=self.cfg.backend.micro_batch)
+        except (ValueError, TypeError, OSError) as e:
+            raise ConfigError(f"data.loader: {e}") from e
         self.it = None
 
     def _next(self) -> dict:
@@ -177,8 +180,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         d.barrier()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
-        resume_from = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
+        resume = self.ckpt.resume_target(cfg.checkpoint.resume)
+        resume_from = resume.path
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         overrides = dict(cfg.model.overrides)
@@ -198,11 +202,13 @@ class Trainer:
         objective = FlowObjective(obj_cfg, hidden_size=model.hidden_size)
         self.is_t2i = model.is_t2i
 
-        self.text_encoder = build_text_encoder(cfg.text, model.config["txt_dim"], model.config["txt_len"],
-                                               self.device) \
-            if self.is_t2i else None
+        try:
+            self.text_encoder = build_text_encoder(cfg.text, model.config["txt_dim"], model.config["txt_len"],
+                                                   self.device) if self.is_t2i else None
+            null_emb, null_mask = self._null_text(model) if self.is_t2i else (None, None)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"text.encoder: {e}") from e
         if self.is_t2i:
-            null_emb, null_mask = self._null_text(model)
             self.cond_drop = ConditionDropout(cfg.objective.cond_drop_prob, null_emb=null_emb, null_mask=null_mask)
         else:
             self.cond_drop = ConditionDropout(cfg.objective.cond_drop_prob, num_classes=model.num_classes)
@@ -213,6 +219,11 @@ class Trainer:
         self.source = FixedSource(cfg, model) if cfg.data.source == "fixed" else LoaderSource(cfg)
         self.step = 0
         self.rollbacks = 0
+        self._save_due = False
+        self._unconfirmed = None  # the checkpoint that the next accepted step proves good
+        if d.is_main():
+            for w in resume.warnings():
+                print(f"[t2i-train] warning: {w}", file=sys.stderr, flush=True)
         if resume_from is not None:
             self._restore(resume_from)
         self.stop_signal = None
@@ -221,7 +232,8 @@ class Trainer:
         self._event("start", backend=self.backend.name, world_size=d.world_size(), global_batch=self.global_batch,
                     shift=objective.cfg.shift, repa_weight=objective.cfg.repa_weight,
                     init_from=cfg.model.init_from if init_checksum is not None else None,
-                    init_checksum=init_checksum, resumed_from=str(resume_from) if resume_from else None)
+                    init_checksum=init_checksum, resumed_from=str(resume_from) if resume_from else None,
+                    resume_warnings=resume.warnings())
 
     # -------------------------------------------------------------------- conditions
     def _null_text(self, model):
@@ -289,8 +301,16 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.ckpt.save(self.step, self.backend, self._extras(), {"rollbacks": self.rollbacks})
+        self._save_due, self._unconfirmed = False, path
         self._event("checkpoint", path=str(path))
         return path
+
+    def _may_save(self) -> bool:
+        """Never save while updates are being skipped: the weights may be the diverged ones."""
+        if self.guard.consecutive == 0:
+            return True
+        self._event("checkpoint_deferred", consecutive_skips=self.guard.consecutive)
+        return False
 
     def _restore(self, path: Path) -> None:
         extras = self.ckpt.load(path, self.backend)
@@ -302,13 +322,14 @@ class Trainer:
         self.guard.load_state_dict(extras["guard"])
         self.source.reseed(self.rollbacks)
         self.source.load_state_dict(extras["data"])
+        self._unconfirmed = path
         if d.is_main():
             print(f"[t2i-train] resumed from {path} at step {self.step}", flush=True)
 
     def _event(self, kind: str, **info) -> None:
         if d.is_main():
             with open(self.run_dir / "events.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "event": kind, **info}) + "\n")
+                f.write(json_line({"step": self.step, "event": kind, **info}))
 
     def export(self, name: str = "ema") -> Path | None:
         """Gather the EMA (or the weights when EMA is off) and write a save_pretrained directory (rank 0)."""
@@ -376,31 +397,44 @@ class Trainer:
         grad_norm, applied = self.backend.step(lr, clip)
         step_loss = sum(losses) / len(losses)
         if applied and flag is None and math.isfinite(grad_norm):
-            self.guard.accept(step_loss)
+            self.guard.accept(step_loss, step)
+            if self._unconfirmed is not None:
+                self.ckpt.mark_good(self._unconfirmed)
+                self._unconfirmed = None
             if self.ema is not None:
                 self.ema.update(cfg.ema.decay if step >= cfg.ema.start_step else 0.0)
         else:
             reason = flag or self.guard.check_grad(grad_norm) or "not_applied"
             self.guard.skip()
-            self._event("skipped_update", reason=reason, loss=step_loss, grad_norm=grad_norm)
+            keys = [k for part in d.all_gather_object([str(k) for b in micro for k in b.get("key", [])])
+                    for k in part]
+            self._event("skipped_update", reason=reason, loss=step_loss, grad_norm=grad_norm, keys=keys)
         self.step += 1
         return dict(loss=step_loss, grad_norm=grad_norm, lr=lr, clip=clip, applied=bool(applied and flag is None),
                     repa_loss=sum(repa) / len(repa) if repa else None, bucket_sum=bucket_sum,
                     bucket_cnt=bucket_cnt, images=micro[0]["image"])
 
     def roll_back(self) -> None:
-        path = self.ckpt.latest()
-        if path is None:
-            raise RuntimeError(f"{self.guard.consecutive} consecutive skipped updates at step {self.step} and no "
-                               f"checkpoint to roll back to in {self.ckpt.root}")
-        failed_at = self.step
+        """Restore the last known-good checkpoint (the newest one a later step accepted) with a new data order."""
+        good = self.ckpt.known_good()
+        choice = self.ckpt.find(upto=step_of(good) if good is not None else None)
+        if choice.path is None:
+            raise SpikeGuardError(f"spike guard: {self.guard.consecutive} consecutive skipped updates at step "
+                                  f"{self.step} and no intact checkpoint to roll back to in {self.ckpt.root}")
+        path, failed_at = choice.path, self.step
+        discarded = self.ckpt.discard_newer(path)  # the abandoned timeline is never resumed
+        self.guard.check_rollback_allowed(failed_at, path.name)
+        counts = self.guard.state_dict()
         rollbacks = self.rollbacks + 1
         self._restore(path)
         self.rollbacks = rollbacks
-        self.guard.rollbacks += 1
-        self.guard.consecutive = 0
+        self.guard.rollbacks, self.guard.rollbacks_in_a_row = counts["rollbacks"], counts["rollbacks_in_a_row"]
+        self.guard.total_skipped = counts["total_skipped"]
+        self.guard.note_rollback(failed_at)
         self.source.reseed(self.rollbacks)
-        self._event("rollback", checkpoint=str(path), failed_at=failed_at, rollbacks=self.rollbacks)
+        self._event("rollback", checkpoint=str(path), failed_at=failed_at, rollbacks=self.rollbacks,
+                    rollbacks_in_a_row=self.guard.rollbacks_in_a_row, discarded=discarded,
+                    skipped=[f"{name}: {why}" for name, why in choice.skipped])
 
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -438,16 +472,22 @@ class Trainer:
             if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0:
                 self.export()
             if self._stop_requested():
-                self.save()
                 status = f"stopped by signal {self.stop_signal}"
+                if self._may_save():
+                    self.save()
+                else:
+                    status += " (updates were being skipped: no new checkpoint, the last one is kept)"
                 break
             if self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.max_steps:
+                self._save_due = True
+            if self._save_due and self._may_save():
                 self.save()
             if cfg.run.debug_kill_at_step is not None and self.step == cfg.run.debug_kill_at_step:
                 d.barrier()
                 os.kill(os.getpid(), signal.SIGKILL)
         if status == "finished":
-            self.save()
+            if self._may_save():
+                self.save()
             self.export()
         self._event("end", status=status)
         self.monitor.close()
@@ -567,13 +607,13 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     p = Path(path)
     file = p / "model.safetensors" if p.is_dir() else p
     if not file.is_file():
-        raise FileNotFoundError(f"model.init_from: {file} does not exist (expected an export directory "
-                                "written by the previous stage, e.g. runs/<name>/export/ema)")
+        raise ConfigError(f"model.init_from: {file} does not exist (expected an export directory "
+                          "written by the previous stage, e.g. runs/<name>/export/ema)")
     state = load_file(str(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = {n for n, _ in model.named_parameters()}
     if unexpected or set(missing) & persistent:
-        raise ValueError(f"model.init_from {file}: does not match the model (missing "
+        raise ConfigError(f"model.init_from {file}: does not match the model (missing "
                          f"{sorted(set(missing) & persistent)[:5]}, unexpected {sorted(unexpected)[:5]})")
 
 
@@ -591,15 +631,28 @@ def parse_args(argv=None):
     return args
 
 
+def _fail(message: str, code: int) -> int:
+    """One line on stderr (from the first rank only) and the exit code; the launcher stops the other ranks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"t2i-train: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run(cfg)
+        trainer = Trainer(cfg)
     except ConfigError as e:
-        print(f"t2i-train: config error: {e}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg)
-    result = trainer.fit()
+        return _fail(f"config error: {e}", 2)
+    except ResumeError as e:
+        return _fail(f"cannot resume: {e}", 4)
+    try:
+        result = trainer.fit()
+    except SpikeGuardError as e:
+        trainer._event("end", status="spike guard gave up", error=str(e))
+        return _fail(str(e), 3)
     if d.is_main():
         print(f"[t2i-train] {result['status']} at step {result['step']}", flush=True)
     d.barrier()

@@ -65,7 +65,8 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = rec[key]  # a resumed run re-logs steps; the last record wins
+        # a resumed run re-logs steps (the last record wins); a non-finite value is logged as null
+        out[rec["step"]] = float("nan") if rec[key] is None else rec[key]
     return out
 
 

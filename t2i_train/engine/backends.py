@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from . import dist as d
 from .optim import build_optimizer
+from .safe_load import SafeFileSystemReader, WeightsOnlyLoadPlanner, weights_only_engine
 
 WEIGHTS_ONLY = dict(weights_only=True)
 
@@ -180,7 +181,7 @@ class FSDPBackend(Backend):
 
         msd, osd = get_state_dict(self.raw, self.optimizer)
         state = {"module": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        dcp.load(state, storage_reader=SafeFileSystemReader(ckpt_dir / "dcp"), planner=WeightsOnlyLoadPlanner())
         set_state_dict(self.raw, self.optimizer, model_state_dict=state["module"],
                        optim_state_dict=state["optim"])
 
@@ -262,6 +263,7 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
 
     def load(self, ckpt_dir: Path) -> None:
+        weights_only_engine(self.engine)
         path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag="deepspeed", load_optimizer_states=True,
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:

@@ -1,10 +1,12 @@
 """Metrics: a JSON-lines file in the run directory (always), wandb or tensorboard (config), tqdm progress.
 
-Only rank 0 writes. wandb runs offline unless `logging.wandb_mode: online`.
+Only rank 0 writes. wandb runs offline unless `logging.wandb_mode: online`. JSON lines are strict JSON: a
+non-finite number (a NaN loss, an infinite gradient norm) is written as null.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +16,21 @@ from . import dist as d
 
 # dense bf16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not reported)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def finite_or_none(value):
+    """`value` with every NaN / ±inf float (also inside lists and dicts) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -52,7 +69,7 @@ class Monitor:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json_line({"step": step, **metrics}))
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
