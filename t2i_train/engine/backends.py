@@ -147,10 +147,6 @@ class FSDPBackend(Backend):
         super().__init__(cfg, module, device)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if cfg.optim.name == "came":
-            # CAME keeps plain per-shard tensors that DCP would save as if replicated; resume would be wrong
-            raise ValueError("optim.name: 'came' is not supported with backend.name 'fsdp' (its per-shard factored "
-                             "state is not DCP-shardable); use optim.name=adamw or backend.name=deepspeed")
         self.raw.to(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
@@ -225,11 +221,14 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         self.ds_config = deepspeed_config(cfg, d.world_size())
+        self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        check_came_supported(cfg, self.stage)
         optimizer = build_optimizer(self.trainable(), cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.raw, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.wrapped = self.engine
-        self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if cfg.optim.name == "came":
+            link_came_to_zero(optimizer, self.optimizer)
 
     def backward(self, loss, boundary, poison=False):
         # DeepSpeed skips (and clears) an update whose gradient norm is not finite: a poisoned micro-batch
@@ -266,6 +265,24 @@ class DeepSpeedBackend(Backend):
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+
+
+def check_came_supported(cfg, zero_stage: int) -> None:
+    """ZeRO-3 partitions each parameter into flat pieces our CAME cannot see whole: refuse rather than run it
+    unfactored (ZeRO-1/2, FSDP2, DDP and a single process run per-tensor factored CAME)."""
+    if cfg.optim.name == "came" and zero_stage == 3:
+        raise ValueError("optim.name 'came' is not supported with backend.zero_stage 3 (its per-tensor factored "
+                         "statistics need ZeRO-1/2's fragment mapping); use backend.zero_stage=2, backend.name=fsdp, "
+                         "or optim.name=adamw")
+
+
+def link_came_to_zero(came, zero_optimizer) -> None:
+    """Tell CAME which parameters' fragments each ZeRO-1/2 flat fp32 partition holds (DeepSpeed's `_hp_mapping`)."""
+    lp_groups = getattr(zero_optimizer, "bit16_groups", None) or getattr(zero_optimizer, "bf16_groups", None)
+    group = getattr(zero_optimizer, "dp_process_group", None)
+    if lp_groups is None:
+        raise ValueError(f"CAME: {type(zero_optimizer).__name__} exposes no ZeRO parameter groups")
+    came.use_zero_partitions(lp_groups, group)
 
 
 BACKENDS = {"single": SingleBackend, "ddp": DDPBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}
