@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_train_backends import BIN, PY, env, free_port
+from test_train_backends import BIN, PY, REPO, env, free_port
 
 STEPS = 5
 # max |w - w_single| after 5 steps (fp32, lr 1e-3, weights move up to ~6e-3), measured: ZeRO-1 and ZeRO-2 5.8e-6,
@@ -135,3 +135,25 @@ def test_zero3_refuses_came():
     with pytest.raises(ValueError, match="zero_stage 3"):
         check_came_supported(cfg, 3)
     check_came_supported(cfg, 2)
+
+
+def test_demo_header_fsdp_command_runs_with_came(tmp_path):
+    """configs/demo/t2i_tiny_512.yaml's header command, as written (CAME under FSDP2 on 2 ranks)."""
+    import json
+
+    demo = REPO / "configs" / "demo" / "t2i_tiny_512.yaml"
+    command = next(l.strip("# ").strip() for l in demo.read_text().splitlines() if "backend.name=fsdp" in l)
+    assert command.startswith("torchrun --nproc_per_node 2 -m t2i_train.train")
+    r = subprocess.run([PY, "-m", "data_pipeline.synthetic", "--out", "data/demo/t2i", "--num", "64", "--size", "32"],
+                       env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = command.split()
+    args[0] = str(BIN / "torchrun")
+    args.insert(1, f"--master_port={free_port()}")
+    args[args.index("--config") + 1] = str(demo)
+    r = subprocess.run(args, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = tmp_path / "runs" / "demo_t2i_512"
+    losses = {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert losses[40] < 0.6 * losses[10]
+    assert (run / "export" / "ema" / "model.safetensors").is_file() and (run / "val" / "step_00000040.png").is_file()
