@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import socket
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from t2i_train.engine.optim import CAME
+from t2i_train.engine.optim import CAME, FlatSegment
 
 SHAPES = [(37, 23), (8, 6, 1, 1), (4, 3, 3, 3), (23,), (1, 5)]  # linear, 1x1 conv, 3x3 conv, bias, one row
 STEPS = 6
@@ -97,7 +96,7 @@ def _fsdp_style(rank: int) -> list[torch.Tensor]:
 
 
 def _zero_style(rank: int) -> list[torch.Tensor]:
-    """A flat fp32 partition per rank over all parameters concatenated, linked as DeepSpeed's `_hp_mapping`."""
+    """A flat fp32 partition per rank over all parameters concatenated, as DeepSpeed ZeRO-1/2 lays them out."""
     sizes = [int(torch.Size(s).numel()) for s in SHAPES]
     total = sum(sizes)
     part = (total + 1) // 2  # the rank boundary cuts a row of the first matrix (test_zero_fragments_cut_a_row)
@@ -105,17 +104,13 @@ def _zero_style(rank: int) -> list[torch.Tensor]:
     flat_full = torch.cat([p.reshape(-1) for p in initial_params()])
     flat = torch.nn.Parameter(torch.zeros(part))
     flat.data[: hi - lo] = flat_full[lo:hi]
-    lps, offset = [], 0
+    segments, offset = [], 0
     for shape, n in zip(SHAPES, sizes):
         a, b = max(offset, lo), min(offset + n, hi)
-        mapping = None
-        if a < b:
-            mapping = SimpleNamespace(hp_fragment_address=SimpleNamespace(start=a - lo, numel=b - a),
-                                      lp_fragment_address=SimpleNamespace(start=a - offset, numel=b - a))
-        lps.append(SimpleNamespace(shape=torch.Size(shape), numel=lambda n=n: n, _hp_mapping=mapping))
+        segments.append(FlatSegment(shape, a - lo, a - offset, b - a) if a < b else FlatSegment(shape))
         offset += n
     opt = CAME([flat], lr=LR, betas=BETAS, eps=EPS)
-    opt.use_zero_partitions([lps], None)
+    opt.use_flat_partitions([(flat, segments)], None)
     for step in range(STEPS):
         g_full = torch.cat([g.reshape(-1) for g in grads_at(step)])
         flat.grad = torch.zeros(part)

@@ -6,8 +6,8 @@ the T2I reference (t2i/diffusion/utils/optimizer.py `CAMEWrapper`, commit 4225ca
 eps (1e-30, 1e-16), update RMS clip 1.0, decoupled weight decay.
 
 CAME is the same optimiser on every backend. Each parameter is seen through this rank's piece of it — the whole
-tensor (single process, DDP), the dim-0 shard of an FSDP2 DTensor, or the fragment of DeepSpeed ZeRO-1/2's flat
-fp32 partition (`use_zero_partitions`) — and the statistics that span a whole tensor (row and column means of
+tensor (single process, DDP), the dim-0 shard of an FSDP2 DTensor, or its segment of a DeepSpeed ZeRO-1/2/3 flat
+fp32 partition (`use_flat_partitions`) — and the statistics that span a whole tensor (row and column means of
 g² and of the instability, the update RMS) are summed over the data-parallel group, three all-reduces per step in
 all. The factored statistics are full-size row/column vectors, identical on every rank holding a piece of the
 parameter, so the update equals single-process per-tensor CAME to float tolerance.
@@ -33,6 +33,16 @@ def _factored_shape(shape) -> Optional[tuple[int, int]]:
     if len(shape) == 4 and shape[2] == 1 and shape[3] == 1:
         return int(shape[0]), int(shape[1])
     return None
+
+
+@dataclass
+class FlatSegment:
+    """Where this rank's piece of one parameter lies in a flat fp32 partition (numel 0: it holds none)."""
+
+    shape: tuple  # the whole parameter's
+    flat_start: int = 0  # offset in the flat partition
+    param_start: int = 0  # offset in the flattened parameter
+    numel: int = 0
 
 
 @dataclass
@@ -92,30 +102,24 @@ class CAME(torch.optim.Optimizer):
             raise ValueError(f"CAME needs two eps values, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=tuple(eps), clip_threshold=clip_threshold,
                                       weight_decay=weight_decay))
-        self._zero_layout: dict = {}  # id(flat fp32 partition) -> the lp parameters it holds fragments of
+        self._zero_layout: dict = {}  # id(flat fp32 partition) -> the FlatSegments of the parameters it covers
         self._zero_group = None
         self._process_group = None
 
     # ------------------------------------------------------------------ layouts
-    def use_zero_partitions(self, lp_groups, process_group) -> None:
-        """DeepSpeed ZeRO-1/2: this optimizer's params are flat fp32 partitions; `lp_groups[i]` lists the
-        parameters of group i (the same order on every rank), each linked to its fragment by `_hp_mapping`."""
-        if len(lp_groups) != len(self.param_groups):
-            raise ValueError(f"CAME: {len(lp_groups)} ZeRO parameter groups for {len(self.param_groups)} "
-                             "optimizer groups")
-        for group, lps in zip(self.param_groups, lp_groups):
-            if len(group["params"]) != 1:
-                raise ValueError("CAME under ZeRO-1/2 expects one flat fp32 partition per parameter group")
-            self._zero_layout[id(group["params"][0])] = list(lps)
+    def use_flat_partitions(self, layout: list, process_group) -> None:
+        """DeepSpeed ZeRO: the optimizer's params are flat fp32 partitions. `layout`: (flat partition, the
+        FlatSegment of every parameter of its group) pairs, the segments in the same order on every rank."""
+        for flat, segments in layout:
+            self._zero_layout[id(flat)] = list(segments)
         self._zero_group = process_group
 
-    def _pieces_zero(self, group: dict, flat: torch.Tensor, lps: list) -> list[_Piece]:
+    def _pieces_zero(self, group: dict, flat: torch.Tensor, segments: list) -> list[_Piece]:
         state = self.state[flat]
-        mappings = [getattr(lp, "_hp_mapping", None) for lp in lps]
-        shapes = [_factored_shape(lp.shape) for lp in lps]
+        shapes = [_factored_shape(sg.shape) for sg in segments]
         if not state:  # compact buffers: full-size row/column statistics only for the parameters held here
-            n_rc = sum(sum(fs) for fs, m in zip(shapes, mappings) if fs is not None and m is not None)
-            n_sq = sum(m.hp_fragment_address.numel for fs, m in zip(shapes, mappings) if fs is None and m is not None)
+            n_rc = sum(sum(fs) for fs, sg in zip(shapes, segments) if fs is not None and sg.numel)
+            n_sq = sum(sg.numel for fs, sg in zip(shapes, segments) if fs is None)
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(flat)
             state["exp_avg_sq"] = flat.new_zeros(n_sq)
@@ -123,11 +127,11 @@ class CAME(torch.optim.Optimizer):
             state["exp_avg_res_rc"] = flat.new_zeros(n_rc)
         state["step"] += 1
         pieces, rc, sq = [], 0, 0
-        for lp, fs, m in zip(lps, shapes, mappings):
-            piece = _Piece(numel=lp.numel(), factored=fs, group=group, sharded=True)
-            if m is not None:
-                a, n = m.hp_fragment_address.start, m.hp_fragment_address.numel
-                piece.start = m.lp_fragment_address.start
+        for sg, fs in zip(segments, shapes):
+            piece = _Piece(numel=math.prod(sg.shape), factored=fs, group=group, sharded=True)
+            if sg.numel:
+                a, n = sg.flat_start, sg.numel
+                piece.start = sg.param_start
                 piece.param, piece.grad = flat.narrow(0, a, n), flat.grad.narrow(0, a, n)
                 piece.exp_avg = state["exp_avg"].narrow(0, a, n)
                 if fs is None:
@@ -198,10 +202,10 @@ class CAME(torch.optim.Optimizer):
         pieces = []
         for group in self.param_groups:
             for p in group["params"]:
-                lps = self._zero_layout.get(id(p))
-                if lps is not None:
+                segments = self._zero_layout.get(id(p))
+                if segments is not None:
                     if p.grad is not None:
-                        pieces += self._pieces_zero(group, p, lps)
+                        pieces += self._pieces_zero(group, p, segments)
                 elif p.grad is not None:
                     pieces.append(self._piece(group, p))
                 else:  # no gradient this step: no update, but a state, so that every checkpoint has all keys
