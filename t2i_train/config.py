@@ -7,6 +7,7 @@ and the allowed keys or values. `load_config(path, overrides)` returns a `TrainC
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)
     activation_checkpointing: bool = False
     init_from: Optional[str] = None  # weights only: a save_pretrained directory or .safetensors (ignored on resume)
+    # ... or an earlier stage's run directory, whose export/<init_weights> is loaded; with init_optimizer (raw
+    # weights, same backend and world size) its latest checkpoint's optimiser state is carried over as well
+    init_weights: Literal["ema", "raw"] = "ema"
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ObjectiveConfig:
     repa_block: int = 8
     repa_projector_dim: Optional[int] = None
     repa_encoder: Optional[str] = None
+    repa_teacher_resolution: Optional[int] = None  # DINOv2 input side (T2I ref 224); None: the student's token grid
     cond_drop_prob: float = 0.1  # text drop (T2I) or class drop (ImageNet) for classifier-free guidance
 
 
@@ -55,6 +61,7 @@ class TextConfig:
     encoder: Optional[str] = None  # text encoder name/path for captions without cached embeddings
     max_length: int = 300
     use_mask: bool = True
+    chi: str = "default"  # complex human instruction before each caption: default | none | <text file>
 
 
 @dataclass
@@ -79,6 +86,9 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: list = field(default_factory=lambda: [1e-8])
     weight_decay: float = 0.0
+    lr_scaling: Literal["none", "sqrt"] = "none"  # sqrt: lr × √(global batch / lr_base_batch), the T2I ref's auto_lr
+    lr_base_batch: int = 256
+    effective_lr: Optional[float] = None  # derived by the trainer (lr after scaling); if given, it must match
     warmup_steps: int = 0
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     step_downs: list[StepDown] = field(default_factory=list)
@@ -128,6 +138,8 @@ class LoggingConfig:
     val_cfg_scale: float = 4.5
     val_image_size: Optional[int] = None
     val_sampler: Literal["euler", "heun", "flow_dpm_solver", "dpm_solver_2m"] = "flow_dpm_solver"
+    val_cfg_interval: list = field(default_factory=lambda: [0.0, 1.0])  # guidance where t_min < t < t_max
+    val_shift: Optional[float] = None  # sampler time shift; None: the training shift (objective.shift)
 
 
 @dataclass
@@ -320,6 +332,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
          f"spike_guard.max_rollbacks: must be >= 0, got {cfg.spike_guard.max_rollbacks}")
     need(cfg.checkpoint.resume in ("auto", "never") or Path(cfg.checkpoint.resume).is_dir(),
          f"checkpoint.resume: {cfg.checkpoint.resume!r} is not auto, never or an existing checkpoint directory")
+    need(cfg.optim.lr_base_batch > 0, f"optim.lr_base_batch: must be > 0, got {cfg.optim.lr_base_batch}")
+    iv = cfg.logging.val_cfg_interval
+    need(len(iv) == 2 and 0.0 <= iv[0] <= iv[1] <= 1.0,
+         f"logging.val_cfg_interval: must be [t_min, t_max] with 0 <= t_min <= t_max <= 1, got {iv}")
+    need(not cfg.model.init_optimizer or cfg.model.init_weights == "raw",
+         "model.init_optimizer: the carried optimiser state belongs to the raw weights; set model.init_weights=raw")
     return cfg
 
 
@@ -333,6 +351,17 @@ def check_global_batch(cfg: TrainConfig, world_size: int) -> int:
             f"world size {world_size} = {actual}; change backend.grad_accum (e.g. to "
             f"{b.global_batch / (b.micro_batch * world_size):g}) or backend.micro_batch")
     return actual
+
+
+def resolve_effective_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """optim.lr after `optim.lr_scaling` at this global batch; stored in `optim.effective_lr` (checked if given)."""
+    o = cfg.optim
+    lr = o.lr * (math.sqrt(global_batch / o.lr_base_batch) if o.lr_scaling == "sqrt" else 1.0)
+    if o.effective_lr is not None and not math.isclose(o.effective_lr, lr, rel_tol=1e-6):
+        raise ConfigError(f"optim.effective_lr: {o.effective_lr:g} given, but optim.lr {o.lr:g} with lr_scaling "
+                          f"{o.lr_scaling} at global batch {global_batch} gives {lr:g}; remove optim.effective_lr")
+    o.effective_lr = lr
+    return lr
 
 
 def from_dict(data: dict) -> TrainConfig:

@@ -4,8 +4,10 @@
     t2i-sample --ckpt imagenet256/export --classes 207,360,387 --out samples/
     torchrun --nproc-per-node 8 -m t2i_train.sample ...      # work split across ranks
 
-Defaults follow the paper: ImageNet — FlowDPMSolver, 100 steps, CFG 2.75 on t ∈ (0.1, 0.9), shift 1 at 256²
-(3 above); T2I — flow DPM-Solver++(2M), 25 steps, CFG 4.5 everywhere, shift 3 up to 768² and 4 above.
+Defaults follow the model card and the paper: ImageNet 256² — FlowDPMSolver, 100 steps, CFG 2.75 on
+t ∈ (0.1, 0.9), shift 1 (the epoch-320 checkpoint; `--preset imagenet256_epoch80|160`: CFG 3.25 on (0.1, 1.0));
+ImageNet 512² — CFG 3.5 on (0.1, 1.0), shift 2.0; T2I — flow DPM-Solver++(2M), 25 steps, CFG 4.5 everywhere,
+shift 3 up to 768² and 4 above. A preset's values apply unless given explicitly.
 Times and the CFG interval are in our convention (t = 0 noise, t = 1 data); a reference T2I interval [a, b] on
 σ is (1 − b, 1 − a) here. Image i (prompt-major, then copy) uses seed `--seed + i`, so the same seed gives the
 same image whatever the batch size or number of ranks. Writes `NNNNN.png`, `grid.png` and `settings.json`.
@@ -23,10 +25,21 @@ import torch
 
 from .diffusion.samplers import SAMPLERS, SamplerConfig, make_noise, sample
 
-PAPER_DEFAULTS = {
-    "c2i": dict(sampler="flow_dpm_solver", steps=100, cfg=2.75, interval=(0.1, 0.9), resolution=256),
-    "t2i": dict(sampler="dpm_solver_2m", steps=25, cfg=4.5, interval=(0.0, 1.0), resolution=512),
+# ImageNet: the model card's gFID settings per checkpoint; T2I: the paper's Table 8. shift None = by resolution
+_C2I = dict(sampler="flow_dpm_solver", steps=100)
+SAMPLING_PRESETS = {
+    "imagenet256_epoch80": dict(_C2I, cfg=3.25, interval=(0.1, 1.0), shift=1.0, resolution=256),
+    "imagenet256_epoch160": dict(_C2I, cfg=3.25, interval=(0.1, 1.0), shift=1.0, resolution=256),
+    "imagenet256_epoch320": dict(_C2I, cfg=2.75, interval=(0.1, 0.9), shift=1.0, resolution=256),
+    "imagenet512": dict(_C2I, cfg=3.5, interval=(0.1, 1.0), shift=2.0, resolution=512),
+    "t2i": dict(sampler="dpm_solver_2m", steps=25, cfg=4.5, interval=(0.0, 1.0), shift=None, resolution=512),
 }
+
+
+def default_preset(arch: str, resolution: int | None) -> str:
+    if arch == "t2i":
+        return "t2i"
+    return "imagenet512" if (resolution or 256) > 256 else "imagenet256_epoch320"
 
 
 def default_shift(arch: str, height: int, width: int) -> float:
@@ -115,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int)
     ap.add_argument("--aspect-ratio", help="W:H at about --resolution² pixels, e.g. 16:9")
     ap.add_argument("--resolution", type=int, help="side of the square of equal area (default 256 c2i / 512 t2i)")
+    ap.add_argument("--preset", choices=sorted(SAMPLING_PRESETS),
+                    help="model-card sampling settings (default: imagenet256_epoch320 at 256², imagenet512 above, t2i)")
     ap.add_argument("--sampler", choices=list(SAMPLERS) + ["flow_dpm-solver"])
     ap.add_argument("--steps", type=int)
     ap.add_argument("--cfg", type=float, help="guidance scale (1 = no guidance)")
@@ -151,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_pretrained(args.ckpt, device=device)
     arch = "t2i" if model.is_t2i else "c2i"
-    d = PAPER_DEFAULTS[arch]
+    d = SAMPLING_PRESETS[args.preset or default_preset(arch, args.resolution or args.height or args.width)]
     height, width = resolve_size(args.resolution or d["resolution"], args.aspect_ratio, args.height, args.width,
                                  model.patch_size)
+    shift = args.shift if args.shift is not None else d["shift"]
     cfg = SamplerConfig(name=args.sampler or d["sampler"], steps=args.steps or d["steps"],
-                        shift=args.shift if args.shift is not None else default_shift(arch, height, width),
+                        shift=shift if shift is not None else default_shift(arch, height, width),
                         cfg_scale=args.cfg if args.cfg is not None else d["cfg"],
                         cfg_interval=tuple(args.interval) if args.interval else d["interval"], dtype=args.dtype)
     conditions = read_conditions(args, model.is_t2i)

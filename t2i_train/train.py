@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i_train.config import ConfigError, TrainConfig, check_global_batch, dump_yaml, load_config, to_dict
+from t2i_train.config import (ConfigError, TrainConfig, check_global_batch, dump_yaml, load_config,
+                              resolve_effective_lr, to_dict)
 from t2i_train.engine import dist as d
 from t2i_train.engine.backends import TrainModule, build_backend
 from t2i_train.engine.checkpoint import CheckpointManager, ResumeError, step_of
@@ -175,10 +176,13 @@ class Trainer:
         d.init_distributed(self.device, cfg.backend.dist_backend, use_deepspeed=cfg.backend.name == "deepspeed",
                            needs_group=cfg.backend.name != "single")
         self.global_batch = check_global_batch(cfg, d.world_size())
+        self.lr_scale = resolve_effective_lr(cfg, self.global_batch) / cfg.optim.lr
         self.run_dir = cfg.run_dir
         if d.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
+            print(f"[t2i-train] effective lr {cfg.optim.effective_lr:.4g} (optim.lr {cfg.optim.lr:g}, lr_scaling "
+                  f"{cfg.optim.lr_scaling}, global batch {self.global_batch})", flush=True)
         d.barrier()
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
         resume = self.ckpt.resume_target(cfg.checkpoint.resume)
@@ -193,12 +197,12 @@ class Trainer:
             model.set_activation_checkpointing(True)
         init_checksum = None
         if cfg.model.init_from and resume_from is None:
-            load_weights(model, cfg.model.init_from)
+            load_weights(model, str(init_weights_path(cfg.model)))
             init_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
         self.model_config = model.export_config()
         obj_cfg = {k: getattr(cfg.objective, k) for k in
                    ("timestep_sampling", "logit_mean", "logit_std", "shift", "repa_weight", "repa_block",
-                    "repa_projector_dim", "repa_encoder")}
+                    "repa_projector_dim", "repa_encoder", "repa_teacher_resolution")}
         objective = FlowObjective(obj_cfg, hidden_size=model.hidden_size)
         self.is_t2i = model.is_t2i
 
@@ -226,6 +230,8 @@ class Trainer:
                 print(f"[t2i-train] warning: {w}", file=sys.stderr, flush=True)
         if resume_from is not None:
             self._restore(resume_from)
+        elif cfg.model.init_optimizer:
+            self._carry_optimizer(previous_checkpoint(cfg.model))
         self.stop_signal = None
         self.monitor = Monitor(cfg, self.run_dir, self.step, to_dict(cfg))
         self._flops_per_sample = None
@@ -326,6 +332,15 @@ class Trainer:
         if d.is_main():
             print(f"[t2i-train] resumed from {path} at step {self.step}", flush=True)
 
+    def _carry_optimizer(self, path: Path) -> None:
+        """`model.init_optimizer`: the previous stage's raw weights and optimiser state (step, schedule, EMA,
+        data position start afresh)."""
+        self.backend.load(path)
+        if self.ema is not None:
+            self.ema.copy_from_model()
+        if d.is_main():
+            print(f"[t2i-train] weights and optimiser state from {path}", flush=True)
+
     def _event(self, kind: str, **info) -> None:
         if d.is_main():
             with open(self.run_dir / "events.jsonl", "a") as f:
@@ -336,7 +351,7 @@ class Trainer:
         from t2i_train.models import build_model
         from t2i_train.models.io import save_pretrained
 
-        source = self.ema or ShardedEMA(*self.backend.ema_params())
+        source = self.ema if self.ema is not None and name == "ema" else ShardedEMA(*self.backend.ema_params())
         full = source.full_state_dict()
         out = self.run_dir / "export" / name
         if d.is_main():
@@ -370,7 +385,7 @@ class Trainer:
     # -------------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        lr, clip = lr_at(step, cfg.optim), clip_at(step, cfg.optim)
+        lr, clip = lr_at(step, cfg.optim) * self.lr_scale, clip_at(step, cfg.optim)
         micro = self.source.micro_batches(step)
         a, w, r = cfg.backend.grad_accum, d.world_size(), d.rank()
         flag, losses, repa = None, [], []
@@ -489,6 +504,7 @@ class Trainer:
             if self._may_save():
                 self.save()
             self.export()
+            self.export("raw")  # the next stage's model.init_weights: raw (the T2I reference's load_from)
         self._event("end", status=status)
         self.monitor.close()
         self.pid_file.unlink(missing_ok=True)
@@ -574,8 +590,9 @@ class Trainer:
             cond = torch.tensor([int(p) for p in cfg.val_prompts], device=self.device)
             unc, mask, umask = torch.full_like(cond, model.num_classes), None, None
         noise = make_noise(range(n), (3, size, size), self.device)
-        scfg = SamplerConfig(name=cfg.val_sampler, steps=cfg.val_steps, shift=self.cfg.objective.shift,
-                             cfg_scale=cfg.val_cfg_scale)
+        shift = cfg.val_shift if cfg.val_shift is not None else self.cfg.objective.shift
+        scfg = SamplerConfig(name=cfg.val_sampler, steps=cfg.val_steps, shift=shift, cfg_scale=cfg.val_cfg_scale,
+                             cfg_interval=tuple(cfg.val_cfg_interval))
         images = sample(model, noise, cond, mask, unc, umask, scfg)
         path = save_grid(images, self.run_dir / "val" / f"step_{self.step:08d}.png")
         self.monitor.log_image(self.step, path)
@@ -600,6 +617,31 @@ def save_grid(images: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def init_weights_path(model_cfg) -> Path:
+    """`model.init_from`: an export directory / .safetensors, or a run directory → its export/<init_weights>."""
+    p = Path(model_cfg.init_from)
+    if (p / "checkpoints").is_dir() or (p / "export").is_dir():
+        return p / "export" / model_cfg.init_weights
+    if model_cfg.init_weights == "raw" and p.name == "ema":
+        raise ValueError(f"model.init_from {p} is an EMA export but model.init_weights is raw; name the run "
+                         f"directory ({p.parent.parent}) or {p.parent / 'raw'}")
+    return p
+
+
+def previous_checkpoint(model_cfg) -> Path:
+    """`model.init_optimizer`: the latest checkpoint of the run directory that `model.init_from` names."""
+    from t2i_train.engine.checkpoint import CheckpointManager
+
+    if not model_cfg.init_from:
+        raise ValueError("model.init_optimizer needs model.init_from (the previous stage's run directory)")
+    run_dir = Path(model_cfg.init_from)
+    latest = CheckpointManager(run_dir, 1).latest() if (run_dir / "checkpoints").is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"model.init_optimizer: {run_dir} has no checkpoints/latest; model.init_from must "
+                                "name the previous stage's run directory (e.g. runs/t2i_512)")
+    return latest
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """`model.init_from`: weights only, from a save_pretrained directory or a .safetensors file."""
     from safetensors.torch import load_file
@@ -621,6 +663,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="t2i-train", description="Train PixelDiT (T2I or ImageNet).")
     p.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved recipe beside the paper's and the reference's values, then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, unknown = p.parse_known_args(argv)
     bad = [u for u in unknown if not u.startswith("--deepspeed")]
@@ -642,6 +686,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_recipe:
+            from t2i_train.recipe import recipe_table
+
+            print(recipe_table(cfg, int(os.environ.get("WORLD_SIZE", 1))))
+            return 0
         check_run(cfg)
         trainer = Trainer(cfg)
     except ConfigError as e:

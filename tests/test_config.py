@@ -59,14 +59,14 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_follow_the_paper():
     c512 = load_config(REPO / "configs" / "t2i_512.yaml")
     c1024 = load_config(REPO / "configs" / "t2i_1024.yaml")
-    assert (c512.objective.shift, c512.optim.lr, c512.optim.grad_clip, c512.run.max_steps) == (3.0, 1e-4, 0.5, 400000)
+    assert (c512.objective.shift, c512.optim.lr, c512.optim.grad_clip, c512.run.max_steps) == (3.0, 1e-4, 0.2, 400000)
     assert (c512.objective.repa_block, c512.objective.repa_weight, c512.objective.cond_drop_prob) == (6, 0.5, 0.1)
     assert c512.backend.global_batch == 1024 and check_global_batch(c512, 64) == 1024
     assert c512.data.loader["resolution"] == 512 and c512.data.loader["bucket_mode"] == "fixed"
     assert (c1024.objective.shift, c1024.optim.lr, c1024.optim.grad_clip, c1024.run.max_steps) == (4.0, 2e-5, 0.1, 100000)
     assert c1024.objective.repa_weight == 0.0 and c1024.backend.global_batch == 768
     assert c1024.data.loader["resolution"] == 1024 and c1024.data.loader["bucket_mode"] == "multi"
-    assert c1024.model.init_from == "runs/t2i_512/export/ema"
+    assert (c1024.model.init_from, c1024.model.init_weights) == ("runs/t2i_512", "raw")
     assert c512.optim.name == "came" and c512.optim.betas == [0.9, 0.999, 0.9999] and c512.optim.eps == [1e-30, 1e-16]
     i256 = load_config(REPO / "configs" / "imagenet256_xl.yaml")
     i512 = load_config(REPO / "configs" / "imagenet512_xl.yaml")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .repa import DINO_DIM, DinoV2Teacher, RepaProjector, repa_loss
+from .repa import DINO_DIM, DINO_PATCH, DinoV2Teacher, RepaProjector, repa_loss, resize_tokens
 from .timesteps import sample_timesteps
 
 
@@ -28,6 +28,9 @@ class FlowObjectiveConfig:
     repa_block: int = 8  # 1-based patch block whose output is aligned; must equal model.config["repa_block"]
     repa_projector_dim: int | None = None  # None → denoiser width (ImageNet reference); the T2I reference uses 2048
     repa_encoder: str | None = None  # DINOv2 weights: local file or hub id; None = random init (tests only)
+    # teacher input side: T2I reference 224² (16² DINOv2 tokens, the student's tokens resized to match);
+    # None = the student's own token grid (ImageNet reference)
+    repa_teacher_resolution: int | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "FlowObjectiveConfig":
@@ -100,9 +103,16 @@ class FlowObjective(nn.Module):
             if hidden.shape[1] != grid[0] * grid[1]:
                 raise ValueError(f"REPA hidden state has {hidden.shape[1]} tokens, expected {grid[0]}x{grid[1]} "
                                  f"for images {tuple(images.shape[-2:])} and patch size {patch}")
+            teacher_grid = grid
+            if cfg.repa_teacher_resolution:
+                side = cfg.repa_teacher_resolution // DINO_PATCH
+                teacher_grid = (side, side)
             with torch.no_grad():
-                target_tokens = self.teacher(images, grid)
-            r = repa_loss(self.projector(hidden), target_tokens)
+                target_tokens = self.teacher(images, teacher_grid)
+            projected = self.projector(hidden)
+            if teacher_grid != grid:  # as the reference: unit tokens, resized, then compared by cosine
+                projected = resize_tokens(nn.functional.normalize(projected.float(), dim=-1), grid, teacher_grid)
+            r = repa_loss(projected, target_tokens)
             out["loss"] = mse + cfg.repa_weight * r
             out["repa_loss"] = r.detach()
         return out

@@ -100,6 +100,17 @@ def _read_state_dict(path: str) -> dict:
     return state
 
 
+def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """[B, h·w, C] tokens on `grid` → [B, size[0]·size[1], C], bilinearly (the T2I reference's trainer.py brings
+    its projected 32² student tokens to the 16² DINOv2 grid this way)."""
+    if tuple(grid) == tuple(size):
+        return tokens
+    b, n, c = tokens.shape
+    x = tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1])
+    x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).to(tokens.dtype)
+    return x.flatten(2).transpose(1, 2)
+
+
 def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Negative cosine similarity per token, averaged over tokens and batch. Both [B, N, 768]."""
     if projected.shape != target.shape:

@@ -148,10 +148,6 @@ class FSDPBackend(Backend):
         super().__init__(cfg, module, device)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if cfg.optim.name == "came":
-            # CAME keeps plain per-shard tensors that DCP would save as if replicated; resume would be wrong
-            raise ValueError("optim.name: 'came' is not supported with backend.name 'fsdp' (its per-shard factored "
-                             "state is not DCP-shardable); use optim.name=adamw or backend.name=deepspeed")
         self.raw.to(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
@@ -226,11 +222,13 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         self.ds_config = deepspeed_config(cfg, d.world_size())
+        self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(self.trainable(), cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.raw, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.wrapped = self.engine
-        self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if cfg.optim.name == "came":
+            link_came_to_zero(optimizer, self.optimizer, self.stage)
 
     def backward(self, loss, boundary, poison=False):
         # DeepSpeed skips (and clears) an update whose gradient norm is not finite: a poisoned micro-batch
@@ -268,6 +266,39 @@ class DeepSpeedBackend(Backend):
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+
+
+def link_came_to_zero(came, zero_optimizer, stage: int) -> None:
+    """Tell CAME where each parameter's piece lies in every flat fp32 partition: ZeRO-1/2 from DeepSpeed's
+    `_hp_mapping` fragment addresses, ZeRO-3 from each parameter's own partition (rank · partition size)."""
+    from .optim import FlatSegment
+
+    layout = []
+    if stage == 3:
+        group = zero_optimizer.sub_group_process_groups[0] if zero_optimizer.sub_group_process_groups else None
+        rank = d.rank() if group is None else torch.distributed.get_rank(group)
+        for flat, params in zip(zero_optimizer.fp32_partitioned_groups_flat, zero_optimizer.fp16_groups):
+            segments, offset = [], 0
+            for p in params:
+                part = p.partition_numel()
+                start = rank * part
+                segments.append(FlatSegment(tuple(p.ds_shape), offset, start, max(0, min(part, p.ds_numel - start))))
+                offset += part
+            layout.append((flat, segments))
+    else:
+        lp_groups = getattr(zero_optimizer, "bit16_groups", None) or getattr(zero_optimizer, "bf16_groups", None)
+        if lp_groups is None:
+            raise ValueError(f"CAME: {type(zero_optimizer).__name__} exposes no ZeRO parameter groups")
+        group = getattr(zero_optimizer, "dp_process_group", None)
+        for pg, lps in zip(came.param_groups, lp_groups):
+            segments = []
+            for lp in lps:
+                m = getattr(lp, "_hp_mapping", None)
+                segments.append(FlatSegment(tuple(lp.shape)) if m is None else FlatSegment(
+                    tuple(lp.shape), m.hp_fragment_address.start, m.lp_fragment_address.start,
+                    m.hp_fragment_address.numel))
+            layout.append((pg["params"][0], segments))
+    came.use_flat_partitions(layout, group)
 
 
 BACKENDS = {"single": SingleBackend, "ddp": DDPBackend, "fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}

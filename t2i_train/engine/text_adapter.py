@@ -42,4 +42,20 @@ def build_text_encoder(text_cfg, txt_dim: int, txt_len: int, device):
         return HashTextEncoder(dim, min(text_cfg.max_length, txt_len))
     from t2i_train.text import GemmaTextEncoder
 
-    return GemmaTextEncoder(name, max_length=text_cfg.max_length, device=device)
+    return GemmaTextEncoder(name, max_length=text_cfg.max_length, chi_prompt=chi_prompt(text_cfg.chi), device=device)
+
+
+def chi_prompt(chi: str) -> str | None:
+    """`text.chi`: default (the reference's complex human instruction) | none | a text file holding another."""
+    from pathlib import Path
+
+    from t2i_train.text import CHI_PROMPT
+
+    if chi == "default":
+        return CHI_PROMPT
+    if chi == "none":
+        return None
+    path = Path(chi)
+    if not path.is_file():
+        raise ValueError(f"text.chi: {chi!r} is not 'default', 'none' or an existing text file")
+    return path.read_text().rstrip("\n")
