@@ -244,19 +244,21 @@ def records_for(source: str, kind: str = "auto"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="t2i-build-shards", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="t2i-build-shards", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="image folder, manifest (.jsonl/.csv/.parquet), shard spec/dir, or ImageNet tree")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--kind", default="auto", choices=["auto", "folder", "manifest", "wds", "imagenet"])
+    p.add_argument("--kind", default="auto", choices=["auto", "folder", "manifest", "wds", "imagenet"],
+                   help="source kind (auto: from the source's form)")
     p.add_argument("--name", default="data", help="shard name prefix (<name>-%%06d.tar)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per .tar shard")
     p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is smaller")
     p.add_argument("--max-side", type=int, default=None, help="downscale (re-encode) images above this long side")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     p.add_argument("--min-score", type=float, default=None,
                    help="skip samples whose best caption score is below this (samples without scores are kept)")
     p.add_argument("--no-caption-ok", action="store_true", help="keep caption-less samples (class-conditional)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="image worker processes")
     p.add_argument("--resume", action="store_true", help="keep complete shards, rebuild from the first partial one")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)

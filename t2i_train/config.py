@@ -27,6 +27,7 @@ class RunConfig:
     max_steps: int = 1000
     task: Literal["t2i", "c2i"] = "t2i"
     debug_kill_at_step: Optional[int] = None  # testing aid: every rank SIGKILLs itself after this step
+    allow_config_change: bool = False  # resume although the config differs from the run's saved config.yaml
 
 
 @dataclass

@@ -29,9 +29,11 @@ import torch
 from t2i_train.config import ConfigError, TrainConfig, check_global_batch, dump_yaml, load_config, to_dict
 from t2i_train.engine import dist as d
 from t2i_train.engine.backends import TrainModule, build_backend
+from t2i_train.engine.banner import banner, check_resumed_config
 from t2i_train.engine.checkpoint import CheckpointManager
 from t2i_train.engine.ema import ShardedEMA
 from t2i_train.engine.monitor import Monitor, peak_flops
+from t2i_train.engine.paths import check_local_paths
 from t2i_train.engine.schedule import clip_at, lr_at
 from t2i_train.engine.spike import SpikeGuard
 from t2i_train.engine.text_adapter import build_text_encoder
@@ -173,12 +175,15 @@ class Trainer:
                            needs_group=cfg.backend.name != "single")
         self.global_batch = check_global_batch(cfg, d.world_size())
         self.run_dir = cfg.run_dir
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+        resume_from = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+        check_local_paths(cfg, resuming=resume_from is not None)
+        changed = check_resumed_config(self.run_dir / "config.yaml", cfg) if resume_from is not None else []
+        d.barrier()
         if d.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         d.barrier()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
-        resume_from = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         overrides = dict(cfg.model.overrides)
@@ -217,6 +222,14 @@ class Trainer:
             self._restore(resume_from)
         self.stop_signal = None
         self.monitor = Monitor(cfg, self.run_dir, self.step, to_dict(cfg))
+        if d.is_main():
+            print(banner(cfg, run_dir=self.run_dir, resumed_from=resume_from, step=self.step, backend=self.backend.name,
+                         world_size=d.world_size(), device=self.device,
+                         params=sum(p.numel() for p in model.parameters()),
+                         extra_params=sum(p.numel() for p in objective.parameters() if p.requires_grad),
+                         global_batch=self.global_batch), flush=True)
+            for line in changed:
+                print(f"[t2i-train] changed since the saved config: {line}", flush=True)
         self._flops_per_sample = None
         self._event("start", backend=self.backend.name, world_size=d.world_size(), global_batch=self.global_batch,
                     shift=objective.cfg.shift, repa_weight=objective.cfg.repa_weight,
@@ -313,7 +326,8 @@ class Trainer:
     def export(self, name: str = "ema") -> Path | None:
         """Gather the EMA (or the weights when EMA is off) and write a save_pretrained directory (rank 0)."""
         from t2i_train.models import build_model
-        from t2i_train.models.io import save_pretrained
+        from t2i_train.engine.run_info import build_run_info
+        from t2i_train.models.io import save_pretrained, save_run_info
 
         source = self.ema or ShardedEMA(*self.backend.ema_params())
         full = source.full_state_dict()
@@ -326,16 +340,24 @@ class Trainer:
                 raise RuntimeError(f"export: missing {sorted(set(missing) & persistent)[:5]}, "
                                    f"unexpected {unexpected[:5]}")
             save_pretrained(model, out, metadata={"step": self.step, "source": name})
+            save_run_info(out, build_run_info(self.cfg, self.model_config))
         d.barrier()
         return out if d.is_main() else None
 
     # -------------------------------------------------------------------- signals
     def _install_signals(self) -> None:
-        """SIGTERM / SIGUSR1 (Slurm pre-emption) → checkpoint at the end of the current step, then exit."""
+        """SIGTERM / SIGUSR1 (Slurm pre-emption) / SIGINT (Ctrl-C) → checkpoint at the end of the current step,
+        then exit. A second Ctrl-C interrupts at once."""
         def handler(signum, _frame):
+            if signum == signal.SIGINT:
+                if self.stop_signal is not None:
+                    raise KeyboardInterrupt
+                if d.is_main():
+                    print("\n[t2i-train] Ctrl-C: checkpointing at the end of this step (Ctrl-C again to abort)",
+                          file=sys.stderr, flush=True)
             self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)
         # slurm/common.sh forwards the batch script's USR1 to the pids listed here
         self.pid_file = self.run_dir / "pids" / f"{socket.gethostname()}.{d.rank()}"
@@ -449,6 +471,8 @@ class Trainer:
         if status == "finished":
             self.save()
             self.export()
+            if not (cfg.logging.val_every and self.step % cfg.logging.val_every == 0):
+                self.validate()  # every run ends with a grid of its final EMA weights
         self._event("end", status=status)
         self.monitor.close()
         self.pid_file.unlink(missing_ok=True)
@@ -578,9 +602,12 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="t2i-train", description="Train PixelDiT (T2I or ImageNet).")
+    p = argparse.ArgumentParser(prog="t2i-train", description="Train PixelDiT (T2I or ImageNet).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Every config key, with its type, default and meaning: docs/CONFIG.md. "
+                                       "Relative paths resolve against the current directory.")
     p.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides (see docs/CONFIG.md)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, unknown = p.parse_known_args(argv)
     bad = [u for u in unknown if not u.startswith("--deepspeed")]
@@ -598,7 +625,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"t2i-train: config error: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:  # checks that need the launcher's world size, the run directory or the disk
+        print(f"t2i-train: config error: {e}", file=sys.stderr)
+        d.shutdown()
+        return 2
     result = trainer.fit()
     if d.is_main():
         print(f"[t2i-train] {result['status']} at step {result['step']}", flush=True)
