@@ -622,6 +622,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group or import
     except ConfigError as e:
         print(f"t2i-train: config error: {e}", file=sys.stderr)
         return 2
