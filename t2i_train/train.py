@@ -201,6 +201,8 @@ class Trainer:
                    ("timestep_sampling", "logit_mean", "logit_std", "shift", "repa_weight", "repa_block",
                     "repa_projector_dim", "repa_encoder")}
         objective = FlowObjective(obj_cfg, hidden_size=model.hidden_size)
+        n_params = (sum(p.numel() for p in model.parameters()),  # before a backend shards them
+                    sum(p.numel() for p in objective.parameters() if p.requires_grad))
         self.is_t2i = model.is_t2i
 
         self.text_encoder = build_text_encoder(cfg.text, model.config["txt_dim"], model.config["txt_len"],
@@ -225,9 +227,7 @@ class Trainer:
         if d.is_main():
             print(banner(cfg, run_dir=self.run_dir, resumed_from=resume_from, step=self.step, backend=self.backend.name,
                          world_size=d.world_size(), device=self.device,
-                         params=sum(p.numel() for p in model.parameters()),
-                         extra_params=sum(p.numel() for p in objective.parameters() if p.requires_grad),
-                         global_batch=self.global_batch), flush=True)
+                         params=n_params[0], extra_params=n_params[1], global_batch=self.global_batch), flush=True)
             for line in changed:
                 print(f"[t2i-train] changed since the saved config: {line}", flush=True)
         self._flops_per_sample = None
