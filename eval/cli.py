@@ -16,9 +16,24 @@ import sys
 BENCHMARKS = ("eval.geneval.cli", "eval.dpg_bench.cli", "eval.fid.cli")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the hand-wrapped descriptions and shows every option's default (unless its help names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="t2i-eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(prog="t2i-eval", description=__doc__.split("\n\n")[0], epilog=__doc__)
     sub = ap.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for module in BENCHMARKS:
         try:
@@ -28,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that benchmark is not in this tree
             raise
         mod.add_parser(sub)
+    _with_defaults(ap)
     return ap
 
 

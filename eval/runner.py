@@ -28,7 +28,7 @@ import torch
 
 from t2i_train.diffusion.samplers import SAMPLERS, SamplerConfig, make_noise, sample
 from t2i_train.engine import dist
-from t2i_train.sample import PAPER_DEFAULTS, default_shift, save_png, to_uint8
+from t2i_train.sample import SAMPLING_PRESETS, default_preset, default_shift, save_png, to_uint8
 
 SETTINGS_NAME = "generation.json"
 RUN_INFO_NAME = "run_info.json"
@@ -95,14 +95,14 @@ class Generator:
         res = self.run_info.get("resolution")
         if res:
             return (int(res), int(res)) if isinstance(res, (int, float)) else (int(res[0]), int(res[1]))
-        side = PAPER_DEFAULTS[self.arch]["resolution"]
+        side = SAMPLING_PRESETS[default_preset(self.arch, None)]["resolution"]
         return side, side
 
     def sampler_config(self, height: int, width: int, **overrides) -> SamplerConfig:
-        """Paper defaults for the architecture, then run_info.json's sampler, then `overrides` (None = keep)."""
-        d = PAPER_DEFAULTS[self.arch]
+        """The model card's defaults for the architecture and size, then run_info.json's sampler, then `overrides` (None = keep)."""
+        d = SAMPLING_PRESETS[default_preset(self.arch, max(height, width))]
         base = dict(name=d["sampler"], steps=d["steps"], cfg_scale=d["cfg"], cfg_interval=d["interval"],
-                    shift=default_shift(self.arch, height, width))
+                    shift=d["shift"] if d["shift"] is not None else default_shift(self.arch, height, width))
         fields = {f.name for f in dataclasses.fields(SamplerConfig)}
         base.update({k: v for k, v in (self.run_info.get("sampler") or {}).items() if k in fields})
         base.update({k: v for k, v in overrides.items() if v is not None})

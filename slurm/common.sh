@@ -1,9 +1,19 @@
 # Shared body of the sbatch scripts (sourced). Needs CONFIG; optional LAUNCHER (torchrun|deepspeed),
-# RUN_DIR (for the pid files the trainer writes), EXTRA_ARGS (key=value overrides).
+# EXTRA_ARGS (key=value overrides), RUN_DIR (default: the config's run.output_dir/run.name, where the trainer
+# writes its pid files). Uses the repository's .venv when there is one, so nothing depends on the caller's PATH.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 : "${CONFIG:?set CONFIG to a configs/*.yaml}"
+if [ -f .venv/bin/activate ]; then
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
 LAUNCHER="${LAUNCHER:-torchrun}"
+# shellcheck disable=SC2086
+RUN_DIR="${RUN_DIR:-$(PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" python -c 'import sys
+from t2i_train.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$CONFIG" ${EXTRA_ARGS:-})}"
+echo "[slurm] config $CONFIG, run directory $RUN_DIR"
 export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONUNBUFFERED=1

@@ -14,6 +14,7 @@ import argparse
 import os
 import re
 import shlex
+import subprocess
 import sys
 
 
@@ -38,11 +39,25 @@ def expand_nodelist(spec: str) -> list[str]:
 
 
 def gpus_per_node(env) -> int:
-    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+    """Processes per node = GPUs on this node (one srun task per node starts them all, so the task count
+    SLURM_NTASKS_PER_NODE is 1 and says nothing about it)."""
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         v = env.get(key)
         if v:
             return int(re.sub(r"^.*:", "", v.split("(")[0]))
-    return 8
+    for key in ("SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES"):
+        v = env.get(key)
+        if v:
+            return len([g for g in v.split(",") if g.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
+        n = 0
+    if n:
+        return n
+    raise SystemExit("cannot tell how many GPUs this node has: request them with #SBATCH --gpus-per-node=N "
+                     "(SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE) or set CUDA_VISIBLE_DEVICES")
 
 
 def build(env, launcher: str, train_args: list[str], hostfile: str | None) -> tuple[list[str], str | None]:

@@ -28,6 +28,7 @@ class RunConfig:
     max_steps: int = 1000
     task: Literal["t2i", "c2i"] = "t2i"
     debug_kill_at_step: Optional[int] = None  # testing aid: every rank SIGKILLs itself after this step
+    allow_config_change: bool = False  # resume although the config differs from the run's saved config.yaml
 
 
 @dataclass
@@ -38,8 +39,8 @@ class ModelConfig:
     init_from: Optional[str] = None  # weights only: a save_pretrained directory or .safetensors (ignored on resume)
     # ... or an earlier stage's run directory, whose export/<init_weights> is loaded; with init_optimizer (raw
     # weights, same backend and world size) its latest checkpoint's optimiser state is carried over as well
-    init_weights: Literal["ema", "raw"] = "ema"
-    init_optimizer: bool = False
+    init_weights: Literal["ema", "raw"] = "ema"  # which export of an init_from run directory is loaded
+    init_optimizer: bool = False  # also carry the optimiser state of init_from's last checkpoint (raw weights)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class OptimConfig:
     eps: list = field(default_factory=lambda: [1e-8])
     weight_decay: float = 0.0
     lr_scaling: Literal["none", "sqrt"] = "none"  # sqrt: lr × √(global batch / lr_base_batch), the T2I ref's auto_lr
-    lr_base_batch: int = 256
+    lr_base_batch: int = 256  # the batch at which optim.lr applies unscaled (lr_scaling: sqrt)
     effective_lr: Optional[float] = None  # derived by the trainer (lr after scaling); if given, it must match
     warmup_steps: int = 0
     grad_clip: float = 1.0  # global-norm clip; 0 disables

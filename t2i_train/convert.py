@@ -215,7 +215,7 @@ def _parse_overrides(items):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="t2i-convert",
+        prog="t2i-convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Convert an official PixelDiT checkpoint (ImageNet Lightning .ckpt or T2I .pth) into "
                     "model.safetensors + config.json, loadable by t2i-sample and init_from.")
     ap.add_argument("checkpoint", help="official .ckpt / .pth (or a .safetensors state dict)")

@@ -29,9 +29,11 @@ from t2i_train.config import (ConfigError, TrainConfig, check_global_batch, dump
                               resolve_effective_lr, to_dict)
 from t2i_train.engine import dist as d
 from t2i_train.engine.backends import TrainModule, build_backend
+from t2i_train.engine.banner import banner, check_resumed_config
 from t2i_train.engine.checkpoint import CheckpointManager, ResumeError, step_of
 from t2i_train.engine.ema import ShardedEMA
 from t2i_train.engine.monitor import Monitor, json_line, peak_flops
+from t2i_train.engine.paths import check_local_paths
 from t2i_train.engine.preflight import check_run
 from t2i_train.engine.schedule import clip_at, lr_at
 from t2i_train.engine.spike import SpikeGuard, SpikeGuardError
@@ -178,15 +180,18 @@ class Trainer:
         self.global_batch = check_global_batch(cfg, d.world_size())
         self.lr_scale = resolve_effective_lr(cfg, self.global_batch) / cfg.optim.lr
         self.run_dir = cfg.run_dir
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
+        resume = self.ckpt.resume_target(cfg.checkpoint.resume)
+        resume_from = resume.path
+        check_local_paths(cfg, resuming=resume_from is not None)
+        changed = check_resumed_config(self.run_dir / "config.yaml", cfg) if resume_from is not None else []
+        d.barrier()
         if d.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
             print(f"[t2i-train] effective lr {cfg.optim.effective_lr:.4g} (optim.lr {cfg.optim.lr:g}, lr_scaling "
                   f"{cfg.optim.lr_scaling}, global batch {self.global_batch})", flush=True)
         d.barrier()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
-        resume = self.ckpt.resume_target(cfg.checkpoint.resume)
-        resume_from = resume.path
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         overrides = dict(cfg.model.overrides)
@@ -204,6 +209,8 @@ class Trainer:
                    ("timestep_sampling", "logit_mean", "logit_std", "shift", "repa_weight", "repa_block",
                     "repa_projector_dim", "repa_encoder", "repa_teacher_resolution")}
         objective = FlowObjective(obj_cfg, hidden_size=model.hidden_size)
+        n_params = (sum(p.numel() for p in model.parameters()),  # before a backend shards them
+                    sum(p.numel() for p in objective.parameters() if p.requires_grad))
         self.is_t2i = model.is_t2i
 
         try:
@@ -234,6 +241,12 @@ class Trainer:
             self._carry_optimizer(previous_checkpoint(cfg.model))
         self.stop_signal = None
         self.monitor = Monitor(cfg, self.run_dir, self.step, to_dict(cfg))
+        if d.is_main():
+            print(banner(cfg, run_dir=self.run_dir, resumed_from=resume_from, step=self.step, backend=self.backend.name,
+                         world_size=d.world_size(), device=self.device,
+                         params=n_params[0], extra_params=n_params[1], global_batch=self.global_batch), flush=True)
+            for line in changed:
+                print(f"[t2i-train] changed since the saved config: {line}", flush=True)
         self._flops_per_sample = None
         self._event("start", backend=self.backend.name, world_size=d.world_size(), global_batch=self.global_batch,
                     shift=objective.cfg.shift, repa_weight=objective.cfg.repa_weight,
@@ -349,7 +362,8 @@ class Trainer:
     def export(self, name: str = "ema") -> Path | None:
         """Gather the EMA (or the weights when EMA is off) and write a save_pretrained directory (rank 0)."""
         from t2i_train.models import build_model
-        from t2i_train.models.io import save_pretrained
+        from t2i_train.engine.run_info import build_run_info
+        from t2i_train.models.io import save_pretrained, save_run_info
 
         source = self.ema if self.ema is not None and name == "ema" else ShardedEMA(*self.backend.ema_params())
         full = source.full_state_dict()
@@ -362,16 +376,24 @@ class Trainer:
                 raise RuntimeError(f"export: missing {sorted(set(missing) & persistent)[:5]}, "
                                    f"unexpected {unexpected[:5]}")
             save_pretrained(model, out, metadata={"step": self.step, "source": name})
+            save_run_info(out, build_run_info(self.cfg, self.model_config))
         d.barrier()
         return out if d.is_main() else None
 
     # -------------------------------------------------------------------- signals
     def _install_signals(self) -> None:
-        """SIGTERM / SIGUSR1 (Slurm pre-emption) → checkpoint at the end of the current step, then exit."""
+        """SIGTERM / SIGUSR1 (Slurm pre-emption) / SIGINT (Ctrl-C) → checkpoint at the end of the current step,
+        then exit. A second Ctrl-C interrupts at once."""
         def handler(signum, _frame):
+            if signum == signal.SIGINT:
+                if self.stop_signal is not None:
+                    raise KeyboardInterrupt
+                if d.is_main():
+                    print("\n[t2i-train] Ctrl-C: checkpointing at the end of this step (Ctrl-C again to abort)",
+                          file=sys.stderr, flush=True)
             self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)
         # slurm/common.sh forwards the batch script's USR1 to the pids listed here
         self.pid_file = self.run_dir / "pids" / f"{socket.gethostname()}.{d.rank()}"
@@ -505,6 +527,8 @@ class Trainer:
                 self.save()
             self.export()
             self.export("raw")  # the next stage's model.init_weights: raw (the T2I reference's load_from)
+            if not (cfg.logging.val_every and self.step % cfg.logging.val_every == 0):
+                self.validate()  # every run ends with a grid of its final EMA weights
         self._event("end", status=status)
         self.monitor.close()
         self.pid_file.unlink(missing_ok=True)
@@ -660,9 +684,12 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="t2i-train", description="Train PixelDiT (T2I or ImageNet).")
+    p = argparse.ArgumentParser(prog="t2i-train", description="Train PixelDiT (T2I or ImageNet).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Every config key, with its type, default and meaning: docs/CONFIG.md. "
+                                       "Relative paths resolve against the current directory.")
     p.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides (see docs/CONFIG.md)")
     p.add_argument("--print-recipe", action="store_true",
                    help="print the resolved recipe beside the paper's and the reference's values, then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -691,11 +718,17 @@ def main(argv=None) -> int:
 
             print(recipe_table(cfg, int(os.environ.get("WORLD_SIZE", 1))))
             return 0
+        check_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group or import
         check_run(cfg)
-        trainer = Trainer(cfg)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:  # checks that need the launcher's world size, the run directory or the disk
+        d.shutdown()
+        return _fail(f"config error: {e}", 2)
     except ResumeError as e:
+        d.shutdown()
         return _fail(f"cannot resume: {e}", 4)
     try:
         result = trainer.fit()

@@ -90,11 +90,23 @@ def test_t2i_sampling_with_tiny_gemma(tmp_path):
     assert _png(out / "00001.png").shape == (8, 24, 3)
 
 
-def test_errors_are_clear(tmp_path, c2i_ckpt):
-    with pytest.raises(SystemExit, match="nothing to sample"):
-        sample_main(["--ckpt", c2i_ckpt, "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="class indices"):
-        sample_main(["--ckpt", c2i_ckpt, "--out", str(tmp_path), "--prompt", "a cat"])
+@pytest.mark.parametrize("args,needle", [
+    ([], "nothing to sample"),
+    (["--prompt", "a cat"], "class indices"),
+    (["--classes", "3,10"], "class 10 is out of range: this model has classes 0..9"),
+    (["--classes", "-1"], "class -1 is out of range"),
+])
+def test_errors_are_clear(tmp_path, c2i_ckpt, capsys, args, needle):
+    assert sample_main(["--ckpt", c2i_ckpt, "--out", str(tmp_path), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("t2i-sample: error: ") and needle in err and "\n" not in err, err
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert sample_main(["--ckpt", str(tmp_path / "runs" / "x" / "export"), "--out", str(tmp_path / "o"),
+                        "--classes", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not found" in err and "export/ema" in err and "\n" not in err, err
 
 
 def test_torchrun_two_ranks_match_single_process(tmp_path, c2i_ckpt):

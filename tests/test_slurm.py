@@ -108,3 +108,53 @@ def test_common_sh_with_fake_srun_launches_and_requeues(tmp_path):
     assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in text
     assert "torchrun-called --nnodes=4" in text and "--rdzv_endpoint=gpu007:" in text
     assert "overlap" in text and "scontrol requeue 4242" in text
+
+
+def test_processes_per_node_come_from_the_gpu_count(tmp_path):
+    env = {k: v for k, v in FAKE.items() if k != "SLURM_GPUS_ON_NODE"}
+    env.update(SLURM_NTASKS_PER_NODE="1", CUDA_VISIBLE_DEVICES="0,1,2,3")
+    cmd = _run(env, "--launcher", "torchrun", "--", "--config", "c.yaml", cwd=tmp_path)
+    assert "--nproc_per_node=4" in cmd
+    env.update(SLURM_GPUS_PER_NODE="gpu:2")
+    assert "--nproc_per_node=2" in _run(env, "--launcher", "torchrun", "--", "--config", "c.yaml", cwd=tmp_path)
+
+
+def test_common_sh_derives_run_dir_from_the_config_and_uses_the_venv(tmp_path):
+    """No RUN_DIR given: the USR1 forwarder looks for pid files in the config's run directory; the repository's
+    .venv is activated, so its launcher is used whatever PATH says."""
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    (venv_bin / "python").symlink_to(sys.executable)
+    (venv_bin / "torchrun").write_text("#!/bin/bash\necho \"venv-torchrun $*\"\n")
+    (venv_bin / "srun").write_text("#!/bin/bash\n"
+                                   "for a in \"$@\"; do last=\"$a\"; done\n"
+                                   "if [[ \"$*\" == *--overlap* ]]; then echo \"overlap $*\" >> \"$LOG\"; exit 0; fi\n"
+                                   "export SLURM_NODEID=0; bash -c \"$last\" >> \"$LOG\" 2>&1\n"
+                                   "sleep 2\n")
+    (venv_bin / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$LOG\"\n")
+    for f in venv_bin.iterdir():
+        if f.name not in ("activate", "python"):
+            f.chmod(0o755)
+    (tmp_path / "slurm").symlink_to(REPO / "slurm")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "t2i_train").symlink_to(REPO / "t2i_train")
+    log = tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(FAKE, PATH="/usr/bin:/bin", LOG=str(log), CONFIG="configs/imagenet512_xl.yaml",
+               EXTRA_ARGS="run.name=ft", SLURM_SUBMIT_DIR=str(tmp_path))
+    env.pop("PYTHONPATH", None)
+    p = subprocess.Popen(["bash", str(REPO / "slurm" / "common.sh")], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+
+    deadline = time.time() + 60
+    while not log.exists() and time.time() < deadline:  # srun has started: the USR1 trap is in place
+        time.sleep(0.1)
+    p.send_signal(__import__("signal").SIGUSR1)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    text = log.read_text()
+    assert "run directory runs/ft" in out
+    assert "venv-torchrun --nnodes=4" in text and "run.name=ft" in text
+    assert "runs/ft/pids/" in text, text

@@ -173,13 +173,30 @@ class FSDPBackend(Backend):
 
     def load(self, ckpt_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
 
         msd, osd = get_state_dict(self.raw, self.optimizer)
+        _drop_state_not_saved(osd, ckpt_dir / "dcp")
         state = {"module": msd, "optim": osd}
         dcp.load(state, storage_reader=SafeFileSystemReader(ckpt_dir / "dcp"), planner=WeightsOnlyLoadPlanner())
-        set_state_dict(self.raw, self.optimizer, model_state_dict=state["module"],
-                       optim_state_dict=state["optim"])
+        set_model_state_dict(self.raw, state["module"])
+        set_optimizer_state_dict(self.raw, self.optimizer, state["optim"], options=StateDictOptions(strict=False))
+
+
+def _drop_state_not_saved(osd: dict, dcp_dir: Path) -> None:
+    """Forget the optimizer state of parameters the checkpoint has none for.
+
+    `get_state_dict` gives every parameter a (zero) optimizer state, but parameters that never received a
+    gradient — the last T2I block's text-stream outputs feed nothing, yet they stay in the model because the
+    released checkpoints carry them — have none in a saved run. The optimizer keeps no state for them either
+    after loading, exactly as in an uninterrupted run. Model weights stay strict.
+    """
+    saved = SafeFileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    prefixes = {k.rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
+    for fqn in list(osd.get("state", {})):
+        if f"optim.state.{fqn}" not in prefixes:
+            del osd["state"][fqn]
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:

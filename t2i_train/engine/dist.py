@@ -58,9 +58,37 @@ def init_distributed(device: torch.device, backend: str = "auto", use_deepspeed:
     if use_deepspeed:
         import deepspeed
 
+        _announce_cpu_op_build()
+        silence_deprecated_all_gather()
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
     else:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def _announce_cpu_op_build() -> None:
+    """DeepSpeed's CPU accelerator compiles its shared-memory communication op on first use: say so first."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if get_accelerator().device_name() != "cpu":
+            return
+        name = get_accelerator().create_op_builder("ShareMemCommBuilder").name
+        built = os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+    except Exception:  # only a message: never stop a run for it
+        return
+    if not built and local_rank() == 0:
+        print("[t2i-train] building DeepSpeed's CPU communication op (first run on this machine, about a minute)",
+              flush=True)
+
+
+def silence_deprecated_all_gather() -> None:
+    """DeepSpeed's comm layer calls torch.distributed.all_gather_into_tensor, which this torch marks deprecated
+    with a FutureWarning on every ZeRO step; the call is DeepSpeed's to change, the warning is noise here."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def barrier() -> None:

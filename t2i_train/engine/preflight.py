@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from t2i_train.config import ConfigError, TrainConfig, _coerce, check_global_batch
+from t2i_train.engine.paths import explain
 
 # build_loader's own keys and spellings besides ShardLoader's arguments
 _LOADER_ALIASES = {"datasets", "path", "multi_scale", "image_size"}
@@ -101,7 +102,7 @@ def check_loader(cfg: TrainConfig) -> None:
         local = isinstance(where, str) and not where.startswith("pipe:") and "://" not in where \
             and "{" not in where
         if local and not Path(where).expanduser().exists():
-            raise ConfigError(f"data.loader.datasets[{i}]: {where} does not exist")
+            raise ConfigError(f"data.loader.datasets[{i}]: {explain(where)} does not exist")
 
 
 def check_buckets(loader: dict) -> None:

@@ -13,6 +13,7 @@ import torch
 class HashTextEncoder:
     def __init__(self, dim: int, max_length: int):
         self.dim, self.max_length = int(dim), int(max_length)
+        self.path, self.chi_prompt = f"hash:{self.dim}", None  # the settings t2i-encode-text records
 
     def _vec(self, word: str) -> torch.Tensor:
         seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
@@ -35,14 +36,11 @@ def build_text_encoder(text_cfg, txt_dim: int, txt_len: int, device):
     name = text_cfg.encoder
     if name is None:
         return None
-    if name.startswith("hash"):
-        dim = int(name.split(":", 1)[1]) if ":" in name else txt_dim
-        if dim != txt_dim:
-            raise ValueError(f"text.encoder: {name} gives {dim}-d embeddings, the model expects {txt_dim}")
-        return HashTextEncoder(dim, min(text_cfg.max_length, txt_len))
-    from t2i_train.text import GemmaTextEncoder
+    from t2i_train.text.encoders import load_text_encoder
 
-    return GemmaTextEncoder(name, max_length=text_cfg.max_length, chi_prompt=chi_prompt(text_cfg.chi), device=device)
+    if name.startswith("hash"):
+        return load_text_encoder(name, max_length=min(text_cfg.max_length, txt_len), expected_dim=txt_dim)
+    return load_text_encoder(name, max_length=text_cfg.max_length, chi_prompt=chi_prompt(text_cfg.chi), device=device)
 
 
 def chi_prompt(chi: str) -> str | None:

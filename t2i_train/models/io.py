@@ -13,6 +13,7 @@ from .pixeldit import PixelDiT
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+RUN_INFO_NAME = "run_info.json"  # how the weights were trained: text encoder, resolution(s), sampler
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -39,6 +40,24 @@ def save_state(state: dict[str, torch.Tensor], config: dict, out_dir: str | os.P
 
 def save_pretrained(model: PixelDiT, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
     return save_state(model.state_dict(), model.export_config(), out_dir, metadata)
+
+
+def save_run_info(out_dir: str | os.PathLike, info: dict) -> Path:
+    path = Path(out_dir) / RUN_INFO_NAME
+    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(info, indent=2)))
+    return path
+
+
+def load_run_info(path: str | os.PathLike) -> dict:
+    """`run_info.json` of an export directory (or of the directory of a .safetensors file); {} when absent."""
+    p = Path(path)
+    file = (p if p.is_dir() else p.parent) / RUN_INFO_NAME
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def _locate(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -176,23 +176,31 @@ def load_null_embedding(data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="t2i-encode-text", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="t2i-encode-text", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("data_dir", help="dataset directory with index.json and the .tar shards")
     ap.add_argument("--out", default=None, help="write shards here instead of rewriting them in place")
-    ap.add_argument("--text-encoder", default=DEFAULT_GEMMA, help="Gemma-2 local path or hub id")
-    ap.add_argument("--max-length", type=int, default=300)
+    ap.add_argument("--text-encoder", default=DEFAULT_GEMMA,
+                    help="Gemma-2 local directory or hub id, or hash:DIM (the CPU demo's stand-in)")
+    ap.add_argument("--max-length", type=int, default=300, help="text tokens per caption")
     ap.add_argument("--no-chi", action="store_true", help="do not prepend the complex human instruction")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--batch-size", type=int, default=32, help="captions per encoder forward")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoder device")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="encoder weights' dtype")
     args = ap.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    encoder = GemmaTextEncoder(args.text_encoder, max_length=args.max_length,
-                               chi_prompt=None if args.no_chi else CHI_PROMPT,
-                               dtype=getattr(torch, args.dtype), device=device, batch_size=args.batch_size)
+    from .encoders import load_text_encoder
+
+    try:
+        encoder = load_text_encoder(args.text_encoder, max_length=args.max_length,
+                                    chi_prompt=None if args.no_chi else CHI_PROMPT,
+                                    dtype=getattr(torch, args.dtype), device=device, batch_size=args.batch_size)
+    except (OSError, ValueError) as e:
+        print(f"t2i-encode-text: error: {e}", file=sys.stderr)
+        return 2
     stats = encode_dataset(args.data_dir, encoder, args.out, batch_size=args.batch_size, rank=rank, world_size=world)
     print(json.dumps({"rank": rank, **stats}), file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """Count the FLOPs of one PixelDiT forward pass on the `meta` device (no memory, no weights).
 
     python -m t2i_train.tools.flops --preset pixeldit_xl --height 1024 --width 1024
-    python -m t2i_train.tools.flops --config configs/t2i_1024.yaml --text-tokens 300
+    python -m t2i_train.tools.flops --config configs/t2i_1024.yaml --text-tokens 300   # at the config's resolution
 
 Counting is torch.utils.flop_counter.FlopCounterMode: matrix products and attention, a multiply-add = 2
 FLOPs; element-wise work is not counted (the convention of the paper's Table 16).
@@ -16,6 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import build_model, model_config
+
+DEFAULT_SIDE = 256
 
 
 def count_forward_flops(model, height: int, width: int, batch: int = 1, text_tokens: int | None = None,
@@ -41,39 +43,45 @@ def count_forward_flops(model, height: int, width: int, batch: int = 1, text_tok
     return counter.get_total_flops()
 
 
-def _load_run_model(path: str) -> dict:
-    """The model a run YAML trains, resolved like the trainer does (`extends:`, spec + overrides)."""
+def _load_run(path: str) -> tuple[dict, int]:
+    """The model a run YAML trains, resolved like the trainer does (`extends:`, spec + overrides), and the
+    side of its training images (the loader's resolution, or the fixed source's image size)."""
     from ..config import load_config
+    from ..engine.run_info import training_resolutions
 
     cfg = load_config(path, [])
-    return model_config(cfg.model.spec, **dict(cfg.model.overrides))
+    (side, _), _ = training_resolutions(cfg)
+    return model_config(cfg.model.spec, **dict(cfg.model.overrides)), side
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="t2i-flops", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="t2i-flops", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="model preset name, e.g. pixeldit_xl, pixeldit_t2i")
     src.add_argument("--config", help="a run YAML; its model: section is used")
-    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--height", type=int, default=None,
+                    help=f"default: the config's training resolution, or {DEFAULT_SIDE} for --preset")
     ap.add_argument("--width", type=int, default=None, help="default: same as --height")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text-tokens", type=int, default=None, help="T2I text length (default: the model's)")
     ap.add_argument("--backward", action="store_true", help="count forward + backward")
     ap.add_argument("--json", action="store_true", help="print a JSON line")
     args = ap.parse_args(argv)
-    spec = args.preset if args.preset else _load_run_model(args.config)
-    width = args.width or args.height
+    spec, side = (args.preset, DEFAULT_SIDE) if args.preset else _load_run(args.config)
+    height = args.height or side
+    width = args.width or height
     with torch.device("meta"):
         model = build_model(model_config(spec))
     params = sum(p.numel() for p in model.parameters())
-    flops = count_forward_flops(model, args.height, width, args.batch, args.text_tokens, args.backward)
-    result = {"model": args.preset or args.config, "height": args.height, "width": width, "batch": args.batch,
+    flops = count_forward_flops(model, height, width, args.batch, args.text_tokens, args.backward)
+    result = {"model": args.preset or args.config, "height": height, "width": width, "batch": args.batch,
               "params_M": round(params / 1e6, 2), "gflops": round(flops / 1e9, 2),
               "pass": "forward+backward" if args.backward else "forward"}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['model']}: {result['params_M']}M parameters, {args.height}x{width}, batch {args.batch}: "
+        print(f"{result['model']}: {result['params_M']}M parameters, {height}x{width}, batch {args.batch}: "
               f"{result['gflops']} GFLOPs ({result['pass']})")
     return 0
 
