@@ -332,6 +332,8 @@ def main(argv=None):
     if a.eval_metadata:
         entries = write_eval_metadata(a.eval_metadata, holdout, a.eval_per_tag, a.seed)
         print(f"{len(entries)} held-out prompts -> {a.eval_metadata}")
+        if a.num == 0:
+            return 0
     if a.source:
         records = synthetic_records(a.num, a.seed, a.size, a.mode, a.aspect,
                                     a.tags.split(",") if a.tags else None, a.format, holdout if a.holdout else None)
