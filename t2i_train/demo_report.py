@@ -9,6 +9,7 @@ from pathlib import Path
 from eval.geneval.metadata import TAG_TITLES
 
 STAGES = ("demo_shapes_stage1", "demo_shapes_stage2")
+DEMO_ENV = "OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline"
 MODELS = {"untrained": "demo_shapes_step0", "trained": "demo_shapes_stage2"}
 
 
@@ -34,7 +35,12 @@ def score_table(summaries: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def plot_losses(metrics: dict[str, list[dict]], path: Path) -> Path:
+def flow_loss(rows: list[dict], repa_weight: float) -> list[float]:
+    """The velocity MSE alone: the logged loss is MSE + λ·REPA (a negative cosine)."""
+    return [r["loss"] - repa_weight * r.get("repa_loss", 0.0) for r in rows]
+
+
+def plot_losses(metrics: dict[str, list[dict]], repa_weights: dict[str, float], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,14 +50,14 @@ def plot_losses(metrics: dict[str, list[dict]], path: Path) -> Path:
     offset = 0
     for name, rows in metrics.items():
         steps = [offset + r["step"] for r in rows]
-        ax.plot(steps, [r["loss"] for r in rows], label=f"{name} loss")
+        ax.plot(steps, flow_loss(rows, repa_weights[name]), ".-", label=f"{name} flow MSE")
         repa = [(offset + r["step"], r["repa_loss"]) for r in rows if "repa_loss" in r]
         if repa:
-            ax.plot(*zip(*repa), "--", alpha=0.6, label=f"{name} REPA (−cos)")
+            ax.plot(*zip(*repa), ".--", alpha=0.6, label=f"{name} REPA (−cos)")
         offset = steps[-1] if steps else offset
     ax.set_xlabel("step (stage 2 continues stage 1's count)")
     ax.set_ylabel("loss")
-    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_yscale("symlog", linthresh=0.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -72,7 +78,10 @@ def write_report(work: Path, out: Path, steps: list[dict], *, quick: bool, total
                  for label, model in MODELS.items()}
     table = score_table(summaries)
     metrics = {name: read_metrics(runs / name) for name in STAGES}
-    plot_losses({"stage 1": metrics[STAGES[0]], "stage 2": metrics[STAGES[1]]}, out / "loss.png")
+    configs = {name: _run_config(runs / name) for name in STAGES}
+    repa = {name: float(configs[name]["objective"]["repa_weight"]) for name in STAGES}
+    plot_losses({"stage 1": metrics[STAGES[0]], "stage 2": metrics[STAGES[1]]},
+                {"stage 1": repa[STAGES[0]], "stage 2": repa[STAGES[1]]}, out / "loss.png")
 
     grids = []
     for name in STAGES:
@@ -86,20 +95,21 @@ def write_report(work: Path, out: Path, steps: list[dict], *, quick: bool, total
             shutil.copyfile(grid, out / f"geneval_{label}_colors.png")
 
     seconds = {s["name"]: s["seconds"] for s in steps}
-    val_prompts = _val_prompts(runs / STAGES[0])
+    val_prompts = [str(p) for p in configs[STAGES[0]]["logging"]["val_prompts"]]
     lines = [f"# PixelDiT CPU demo report{' (quick mode: a smoke test, not the tuned demo)' if quick else ''}", "",
              "Held-out GenEval (`python -m eval geneval score --detector shapes`): prompts whose attribute "
              "combinations never occur in a training caption (colour×shape, count×shape, shape pairs, "
              "shape×relation×shape; single-object prompts have nothing to combine). *untrained* = stage 1's "
              "config at step 0, sampled and scored the same way.", "", table, "",
-             "## Training", "", "| stage | steps | time | samples/s (2 ranks) | first → last loss |",
+             "## Training", "", "| stage | steps | time | samples/s (2 ranks) | flow MSE first → last |",
              "|---|---:|---:|---:|---|"]
     for name in STAGES:
         rows = metrics[name]
         label = "stage 1" if name == STAGES[0] else "stage 2"
         t = seconds.get(label)
+        mse = flow_loss(rows, repa[name])
         lines.append(f"| {name} | {rows[-1]['step']} | {_fmt_s(t)} | {stage_speed(rows):.1f} | "
-                     f"{rows[0]['loss']:.4f} → {rows[-1]['loss']:.4f} |")
+                     f"{mse[0]:.4f} → {mse[-1]:.4f} |")
     lines += ["", f"Whole demo: {_fmt_s(total_seconds)} wall (steps already done on an earlier run are not "
                   "counted).", "", "![losses](loss.png)", "", "## Validation grids (EMA weights)", "",
               "Prompts, row by row: " + "; ".join(f"{i + 1}. *{p}*" for i, p in enumerate(val_prompts)), ""]
@@ -109,7 +119,8 @@ def write_report(work: Path, out: Path, steps: list[dict], *, quick: bool, total
         lines += ["## Held-out GenEval samples (the 'colors' prompt 4)", "",
                   "untrained ![untrained](geneval_untrained_colors.png) trained ![trained](geneval_trained_colors.png)",
                   ""]
-    lines += ["## Commands (run from the work directory, in this order)", "", "```"]
+    lines += ["## Commands (run from the work directory, in this order)", "",
+              f"Environment of every step: `{DEMO_ENV}`, with the repository root on `PYTHONPATH`.", "", "```"]
     lines += [f"{s['cmd']}" + ("" if s["seconds"] is None else f"    # {s['seconds']:.0f} s") for s in steps]
     lines += ["```", ""]
     report = out / "report.md"
@@ -119,11 +130,10 @@ def write_report(work: Path, out: Path, steps: list[dict], *, quick: bool, total
     return report, table
 
 
-def _val_prompts(run_dir: Path) -> list[str]:
+def _run_config(run_dir: Path) -> dict:
     import yaml
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return [str(p) for p in cfg["logging"]["val_prompts"]]
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
 def _fmt_s(seconds) -> str:
