@@ -7,7 +7,14 @@ GenEval's phrasing ("a photo of a red circle", "a photo of three triangles", "a 
 blue square", "a photo of a green square left of a yellow circle"). ``mode="c2i"`` makes one-shape images
 whose ``label`` is the shape class. Written through the shard builder like any other source.
 
-CLI: ``python -m data_pipeline.synthetic --out DIR --num N [--size 64] [--mode t2i|c2i] [--seed 0]``
+With a ``Holdout`` (``--holdout``) no training caption uses a held-out combination — certain colour×shape pairs,
+count×shape pairs, shape pairs and shape×relation×shape triples — and ``--eval-metadata FILE`` writes exactly
+those combinations as GenEval prompts (``evaluation_metadata.jsonl``), so a score on them measures
+generalisation to unseen combinations of seen words. ``--source`` writes a folder of ``<key>.png`` +
+``<key>.json`` for ``t2i-build-shards DIR --kind folder`` (the path any user data takes) instead of shards.
+
+CLI: ``python -m data_pipeline.synthetic --out DIR --num N [--size 64] [--mode t2i|c2i] [--seed 0]
+[--source] [--holdout] [--eval-metadata FILE --eval-per-tag K]``
 """
 from __future__ import annotations
 
@@ -15,11 +22,13 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from data_pipeline.build_shards import BuildOptions, build_shards
 
@@ -163,8 +172,99 @@ def render(scene: Dict, width: int, height: int) -> Image.Image:
     return img
 
 
+class Holdout:
+    """Attribute combinations kept out of every training caption, and the GenEval prompts that test them.
+
+    colour k (in sorted order) × shape k mod 4 (10 of 40 pairs); count n × shape n + 1 mod 4 (3 of 12);
+    the shape pairs {circle, triangle} and {square, diamond} (2 of 6); for relation r the ordered shape pairs
+    (r, r + 1) and (r + 2, r + 3) mod 4 (8 of 48 triples). Single-object prompts have nothing to combine.
+    """
+
+    def __init__(self):
+        colours = sorted(COLORS)
+        self.colour_shape = {(c, SHAPES[k % len(SHAPES)]) for k, c in enumerate(colours)}
+        self.count_shape = {(n, SHAPES[(n + 1) % len(SHAPES)]) for n in (2, 3, 4)}
+        self.shape_pairs = {frozenset(("circle", "triangle")), frozenset(("square", "diamond"))}
+        self.relations = {(SHAPES[(r + a) % 4], rel, SHAPES[(r + a + 1) % 4])
+                          for r, rel in enumerate(RELATIONS) for a in (0, 2)}
+
+    def covers(self, tag: str, include: Sequence[Dict]) -> bool:
+        """True if a caption with this GenEval ``include`` list uses a held-out combination."""
+        if any((o.get("color"), o["class"]) in self.colour_shape for o in include):
+            return True
+        if tag == "counting":
+            return (include[0]["count"], include[0]["class"]) in self.count_shape
+        if tag in ("two_object", "color_attr"):
+            return frozenset(o["class"] for o in include) in self.shape_pairs
+        if tag == "position":
+            return (include[1]["class"], include[1]["position"][0], include[0]["class"]) in self.relations
+        return False
+
+    def prompts(self, per_tag: int, seed: int = 0) -> List[Dict]:
+        """Up to ``per_tag`` GenEval metadata entries per tag, drawn from the held-out combinations only."""
+        rng = random.Random(f"holdout-{seed}")
+        colours = sorted(COLORS)
+        seen_pairs = sorted({(c, s) for c in colours for s in SHAPES} - self.colour_shape)
+        out = []
+        for shape in SHAPES[:per_tag]:
+            out.append(_entry("single_object", [{"class": shape, "count": 1}], f"a photo of {article(shape)} {shape}"))
+        for c, shape in rng.sample(sorted(self.colour_shape), min(per_tag, len(self.colour_shape))):
+            out.append(_entry("colors", [{"class": shape, "count": 1, "color": c}],
+                              f"a photo of {article(c)} {c} {shape}"))
+        counts = sorted(self.count_shape)
+        for k in range(min(per_tag, len(counts))):
+            n, shape = counts[k % len(counts)]
+            out.append(_entry("counting", [{"class": shape, "count": n}], f"a photo of {NUMBERS[n]} {plural(shape)}",
+                              exclude=[{"class": shape, "count": n + 1}]))
+        pairs = sorted(tuple(sorted(p)) for p in self.shape_pairs)
+        for k in range(min(per_tag, 2 * len(pairs))):
+            s1, s2 = pairs[k % len(pairs)][:: 1 if k < len(pairs) else -1]
+            out.append(_entry("two_object", [{"class": s1, "count": 1}, {"class": s2, "count": 1}],
+                              f"a photo of {article(s1)} {s1} and {article(s2)} {s2}"))
+        for k in range(per_tag):
+            (c1, s1), (c2, s2) = rng.sample(sorted(self.colour_shape), 2)
+            while s1 == s2:
+                (c1, s1), (c2, s2) = rng.sample(sorted(self.colour_shape), 2)
+            out.append(_entry("color_attr", [{"class": s1, "count": 1, "color": c1},
+                                             {"class": s2, "count": 1, "color": c2}],
+                              f"a photo of {article(c1)} {c1} {s1} and {article(c2)} {c2} {s2}"))
+        for s1, rel, s2 in rng.sample(sorted(self.relations), min(per_tag, len(self.relations))):
+            c1, c2 = _two_colours(rng, seen_pairs, s1, s2)
+            out.append(_entry("position", [{"class": s2, "count": 1, "color": c2},
+                                           {"class": s1, "count": 1, "color": c1, "position": [rel, 0]}],
+                              f"a photo of {article(c1)} {c1} {s1} {rel} {article(c2)} {c2} {s2}"))
+        return out
+
+
+def _two_colours(rng: random.Random, seen_pairs, s1: str, s2: str) -> Tuple[str, str]:
+    """Two different colours that the training captions do pair with s1 and s2 (the relation is what is new)."""
+    while True:
+        c1 = rng.choice([c for c, s in seen_pairs if s == s1])
+        c2 = rng.choice([c for c, s in seen_pairs if s == s2])
+        if c1 != c2:
+            return c1, c2
+
+
+def _entry(tag: str, include: List[Dict], prompt: str, exclude: Optional[List[Dict]] = None) -> Dict:
+    e = {"tag": tag, "include": include, "prompt": prompt}
+    if exclude:
+        e["exclude"] = exclude
+    return e
+
+
+def write_eval_metadata(path: str, holdout: Holdout, per_tag: int, seed: int = 0) -> List[Dict]:
+    """GenEval's ``evaluation_metadata.jsonl``: one held-out prompt per line."""
+    entries = holdout.prompts(per_tag, seed)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for e in entries:
+            f.write(json.dumps(e) + "\n")
+    return entries
+
+
 def synthetic_records(num: int, seed: int = 0, size: int = 64, mode: str = "t2i", aspect: str = "varied",
-                      tags: Optional[Sequence[str]] = None, image_format: str = "png"):
+                      tags: Optional[Sequence[str]] = None, image_format: str = "png",
+                      holdout: Optional[Holdout] = None):
     tags = list(tags or (("single_object",) if mode == "c2i" else TAGS))
     for i in range(num):
         rng = random.Random(f"synthetic-{seed}-{i}")
@@ -173,6 +273,8 @@ def synthetic_records(num: int, seed: int = 0, size: int = 64, mode: str = "t2i"
         width, height = max(16, round(aw * scale)), max(16, round(ah * scale))
         tag = tags[i % len(tags)]
         scene = make_scene(rng, width, height, tag, mode)
+        while holdout is not None and holdout.covers(tag, scene["include"]):
+            scene = make_scene(rng, width, height, tag, mode)
         buf = io.BytesIO()
         render(scene, width, height).save(buf, format="PNG" if image_format == "png" else "JPEG", quality=95)
         extra = {k: v for k, v in scene.items() if k not in ("prompt", "detailed", "label")}
@@ -192,6 +294,23 @@ def write_synthetic(out_dir: str, num: int, seed: int = 0, size: int = 64, mode:
                         dataset_name=f"synthetic-{mode}")
 
 
+def write_source_folder(out_dir: str, records) -> int:
+    """``<key>.png`` + ``<key>.json`` (captions, scores, ground truth) per record: a source for ``t2i-build-shards``."""
+    os.makedirs(out_dir, exist_ok=True)
+    n = 0
+    for r in records:
+        ext = "png" if r["image"][:4] == b"\x89PNG" else "jpg"
+        with open(os.path.join(out_dir, f"{r['key']}.{ext}"), "wb") as f:
+            f.write(r["image"])
+        meta = {"captions": r["captions"], "scores": r["scores"], **r["extra"]}
+        if r.get("label") is not None:
+            meta["label"] = r["label"]
+        with open(os.path.join(out_dir, f"{r['key']}.json"), "w") as f:
+            json.dump(meta, f)
+        n += 1
+    return n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -203,7 +322,24 @@ def main(argv=None):
     p.add_argument("--format", choices=["png", "jpg"], default="png")
     p.add_argument("--samples-per-shard", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", action="store_true",
+                   help="write an image folder with json sidecars for t2i-build-shards instead of shards")
+    p.add_argument("--holdout", action="store_true", help="keep the held-out combinations out of every caption")
+    p.add_argument("--eval-metadata", default=None, help="also write the held-out GenEval prompts to this .jsonl")
+    p.add_argument("--eval-per-tag", type=int, default=8, help="held-out prompts per GenEval tag")
     a = p.parse_args(argv)
+    holdout = Holdout() if a.holdout or a.eval_metadata else None
+    if a.eval_metadata:
+        entries = write_eval_metadata(a.eval_metadata, holdout, a.eval_per_tag, a.seed)
+        print(f"{len(entries)} held-out prompts -> {a.eval_metadata}")
+        if a.num == 0:
+            return 0
+    if a.source:
+        records = synthetic_records(a.num, a.seed, a.size, a.mode, a.aspect,
+                                    a.tags.split(",") if a.tags else None, a.format, holdout if a.holdout else None)
+        n = write_source_folder(a.out, tqdm(records, total=a.num, desc="synthetic", disable=a.num < 500))
+        print(f"{n} images + json sidecars -> {a.out}  (next: t2i-build-shards {a.out} --kind folder --out DIR)")
+        return 0
     stats = write_synthetic(a.out, a.num, a.seed, a.size, a.mode, a.aspect, a.samples_per_shard,
                             a.tags.split(",") if a.tags else None, a.format, progress=True)
     print(json.dumps(stats, indent=1, sort_keys=True))

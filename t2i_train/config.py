@@ -307,7 +307,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cond:
             raise ConfigError(msg)
 
-    need(cfg.run.max_steps > 0, f"run.max_steps: must be > 0, got {cfg.run.max_steps}")
+    need(cfg.run.max_steps >= 0, f"run.max_steps: must be >= 0 (0 exports the initial weights), got {cfg.run.max_steps}")
     need(cfg.optim.lr > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0, got {cfg.optim.grad_clip}")
     need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")

@@ -61,8 +61,9 @@ class FlowObjective(nn.Module):
             if self.cfg.repa_block <= 0:
                 raise ValueError(f"repa_block must be >= 1 when repa_weight > 0, got {self.cfg.repa_block}")
             width = self.cfg.repa_projector_dim or hidden_size
-            self.projector = RepaProjector(hidden_size, width, DINO_DIM)
-            self._teacher = (teacher if teacher is not None else DinoV2Teacher(self.cfg.repa_encoder),)
+            teacher = teacher if teacher is not None else DinoV2Teacher(self.cfg.repa_encoder)
+            self.projector = RepaProjector(hidden_size, width, getattr(teacher, "dim", DINO_DIM))
+            self._teacher = (teacher,)
 
     @property
     def teacher(self) -> nn.Module | None:

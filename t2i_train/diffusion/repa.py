@@ -52,17 +52,21 @@ class RepaProjector(nn.Sequential):
 class DinoV2Teacher(nn.Module):
     """Frozen DINOv2 ViT-B/14 from timm; returns [B, (H/p)·(W/p), 768] patch tokens after the final norm.
 
-    `weights`: None (random init, tests), a local file (.safetensors / .pth / .bin with timm key names), a hub id
+    `weights`: None (random init, tests), a local file (.safetensors / .pth / .bin with timm key names), a local
+    timm model folder (`config.json` + weights, any DINOv2 width: e.g. the CPU demo's tiny one), a hub id
     ('timm/vit_base_patch14_dinov2.lvd142m') or a tagged timm name ('vit_base_patch14_dinov2.lvd142m').
+    `dim` is the width of the returned tokens.
     """
 
     def __init__(self, weights: str | None = None, model_name: str = "vit_base_patch14_dinov2"):
         super().__init__()
         import timm
 
-        local = weights is not None and os.path.exists(weights)
+        local = weights is not None and os.path.isfile(weights)
         kwargs = dict(num_classes=0, dynamic_img_size=True)
-        if weights is None or local:
+        if weights is not None and os.path.isdir(weights):
+            self.encoder = timm.create_model(f"local-dir:{weights}", pretrained=True, **kwargs)
+        elif weights is None or local:
             self.encoder = timm.create_model(model_name, pretrained=False, **kwargs)
             if local:
                 self.encoder.load_state_dict(_read_state_dict(weights), strict=True)
@@ -71,6 +75,7 @@ class DinoV2Teacher(nn.Module):
         else:  # "hf-hub:org/name" or a timm name with tag, e.g. "vit_base_patch14_dinov2.lvd142m"
             self.encoder = timm.create_model(weights, pretrained=True, **kwargs)
         self.encoder.requires_grad_(False).eval()
+        self.dim = int(self.encoder.num_features)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
