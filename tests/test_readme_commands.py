@@ -43,6 +43,15 @@ RULES: list[tuple[str, str, object]] = [
     (r"^torchrun .*-m t2i_train\.sample \.\.\.", "skip", "placeholder arguments; tests/test_sample_cli.py runs "
                                                          "t2i-sample on two ranks"),
     (r"^t2i-sample --ckpt runs/demo_t2i_512/", "run", []),
+    (r"^t2i-sample --ckpt weights/pixeldit_xl_512 |^t2i-sample \.\.\. --preset ", "skip",
+     "needs the released 512² weights; the 256² form runs below and tests/test_recipe.py checks the presets"),
+    (r"^torchrun .*-m eval ", "skip", "placeholder arguments; tests/test_eval_runner.py generates on two ranks"),
+    (r"^t2i-eval geneval ", "skip", "needs a trained export and Mask2Former/CLIP weights; "
+                                    "tests/test_eval_geneval_e2e.py runs generate and score with tiny models"),
+    (r"^t2i-eval dpg ", "skip", "needs a trained export, the ELLA prompts/CSV and VQA weights; "
+                                "tests/test_eval_dpg_e2e.py runs generate and score with a tiny BLIP"),
+    (r"^t2i-eval fid ", "skip", "needs the released ImageNet weights, the ADM reference batch and Inception weights; "
+                                "tests/test_eval_fid_e2e.py runs generate (and, marked slow, score)"),
     (r"^t2i-sample --ckpt weights/pixeldit_xl_256 ", "run", ["--steps", "2", "--resolution", "32"]),
     (r"^python -m t2i_train\.tools\.flops ", "run", []),
     (r"^python -m data_pipeline\.synthetic ", "run", []),
