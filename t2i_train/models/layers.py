@@ -22,6 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused pass; same result as normalising, then scaling
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         dtype = x.dtype
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(dtype)
@@ -134,10 +136,19 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+def joint_attention_mask(key_mask: torch.Tensor | None, n_img: int) -> torch.Tensor | None:
+    """SDPA mask [B, 1, 1, L_txt + n_img] for the joint sequence (text first) from a text key mask [B, L_txt]
+    (True = real token); built once per forward and shared by every block."""
+    if key_mask is None:
+        return None
+    keep = torch.cat([key_mask.bool(), key_mask.new_ones(key_mask.shape[0], n_img, dtype=torch.bool)], dim=1)
+    return keep[:, None, None, :]
+
+
 class JointAttention(nn.Module):
     """MM-DiT attention: separate projections for image and text tokens, one attention over both.
 
-    Text tokens come first in the joint sequence. `key_mask` [B, L_txt] (True = real token) hides padded
+    Text tokens come first in the joint sequence. `attn_mask` (see `joint_attention_mask`) hides padded
     text tokens from every query.
     """
 
@@ -153,7 +164,7 @@ class JointAttention(nn.Module):
         self.img_proj = nn.Linear(dim, dim)
         self.txt_proj = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, img_rope, txt_rope=None, key_mask=None):
+    def forward(self, img, txt, img_rope, txt_rope=None, attn_mask=None):
         B, Ni, C = img.shape
         Nt = txt.shape[1]
         qi, ki, vi = _split_heads(self.img_qkv(img), self.heads)
@@ -165,10 +176,6 @@ class JointAttention(nn.Module):
         q = torch.cat([qt, qi], dim=1).transpose(1, 2)
         k = torch.cat([kt, ki], dim=1).transpose(1, 2)
         v = torch.cat([vt, vi], dim=1).transpose(1, 2)
-        attn_mask = None
-        if key_mask is not None:
-            keep = torch.cat([key_mask.bool(), key_mask.new_ones(B, Ni, dtype=torch.bool)], dim=1)
-            attn_mask = keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2)
         txt_out = self.txt_proj(out[:, :Nt].reshape(B, Nt, C))
