@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--grid-cols", type=int, help="grid columns (default: images per prompt, or √n)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile the transformer blocks (auto: on CUDA only)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -148,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank, use_pg = _dist_setup()
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     from .models.io import load_pretrained
+    from .models.wrapping import compile_wanted
 
     model = load_pretrained(args.ckpt, device=device)
+    if compile_wanted(args.compile, device):
+        model.compile_blocks()
     arch = "t2i" if model.is_t2i else "c2i"
     d = PAPER_DEFAULTS[arch]
     height, width = resolve_size(args.resolution or d["resolution"], args.aspect_ratio, args.height, args.width,

@@ -30,6 +30,7 @@ from t2i_train.config import ConfigError, TrainConfig, check_global_batch, dump_
 from t2i_train.engine import dist as d
 from t2i_train.engine.backends import TrainModule, build_backend
 from t2i_train.engine.checkpoint import CheckpointManager
+from t2i_train.models.wrapping import compile_wanted
 from t2i_train.engine.ema import ShardedEMA
 from t2i_train.engine.monitor import Monitor, peak_flops
 from t2i_train.engine.schedule import clip_at, lr_at
@@ -185,8 +186,9 @@ class Trainer:
         if cfg.objective.repa_weight > 0:
             overrides.setdefault("repa_block", cfg.objective.repa_block)
         model = build_model(cfg.model.spec, **overrides)
-        if cfg.model.activation_checkpointing:
-            model.set_activation_checkpointing(True)
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        if compile_wanted(cfg.model.compile, self.device):
+            model.compile_blocks()
         init_checksum = None
         if cfg.model.init_from and resume_from is None:
             load_weights(model, cfg.model.init_from)

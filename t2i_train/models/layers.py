@@ -6,11 +6,25 @@ autocast; results are cast back to the activation dtype.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+
+
+def _constant_table(fn):
+    """Memoise a table builder; tables are built outside any dispatch mode (fake or meta tensors, memory
+    trackers), so the cache only ever holds real CPU tensors."""
+    cached = lru_cache(maxsize=64)(fn)
+
+    @wraps(fn)
+    def build(*args):
+        with _disable_current_modes():
+            return cached(*args)
+
+    return build
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +52,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # Positional encodings
 # --------------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=64)
+@_constant_table
 def _rope_2d_cached(head_dim: int, grid_h: int, grid_w: int, theta: float, extent: float) -> torch.Tensor:
     # Positions span [0, extent] whatever the grid size (resolution-independent), as in the release.
     xs = torch.linspace(0, extent, grid_w)
@@ -60,7 +74,7 @@ def rope_2d(head_dim: int, grid_h: int, grid_w: int, device, theta: float = 1000
     return _rope_2d_cached(head_dim, grid_h, grid_w, float(theta), float(extent)).to(device)
 
 
-@lru_cache(maxsize=64)
+@_constant_table
 def _rope_1d_cached(head_dim: int, length: int, theta: float) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
     ang = torch.outer(torch.arange(length).float(), freqs)
@@ -79,7 +93,7 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
-@lru_cache(maxsize=32)
+@_constant_table
 def _sincos_2d_cached(dim: int, height: int, width: int) -> torch.Tensor:
     # First half of the channels encodes the column (x), the second half the row (y);
     # each half is [sin | cos] of positions times 1/10000^(k/(dim/4)). Float64 like the release.

@@ -63,9 +63,21 @@ def run_block(policy: str, block, *args):
     return checkpoint(block, *args, use_reentrant=False)
 
 
+def compile_wanted(setting, device) -> bool:
+    """`model.compile` / `--compile`: true, false, or auto (None): on where it pays, i.e. on CUDA (on CPU
+    inductor's compile time outweighs what it saves in short runs)."""
+    if setting in (None, "auto"):
+        return torch.device(device).type == "cuda"
+    if isinstance(setting, str):
+        if setting not in ("on", "off", "true", "false"):
+            raise ValueError(f"compile must be auto, on or off, got {setting!r}")
+        return setting in ("on", "true")
+    return bool(setting)
+
+
 def compile_blocks(blocks) -> None:
-    """Compile each block's forward in place (`nn.Module.compile`): one graph per block class, reused by
-    every block of that class; parameters, names and FSDP2 units are untouched."""
+    """Compile each block's `forward` in place: module hooks (FSDP2's all-gathers) stay outside the compiled
+    region, parameters and names are untouched, and blocks of one class share one graph."""
     for block in blocks:
-        block.compile(dynamic=False)
+        block.forward = torch.compile(block.forward, dynamic=False)
 
