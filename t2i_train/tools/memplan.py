@@ -222,7 +222,7 @@ def format_plan(p: dict) -> str:
              f"micro-batch {p['micro_batch']}, {p['optimizer']}, {p['gpus']} GPUs x {p['gpu_mem_gb']:g} GB "
              f"({p['reserve_gb']:g} GB kept for CUDA context, buffers and fragmentation)",
              f"activations (FakeTensorMode, forward + backward): {p['activation_gb_per_sample']:.2f} GB per sample "
-             f"+ {p['activation_gb_fixed']:.2f} GB",
+             f"+ {max(p['activation_gb_fixed'], 0.0):.2f} GB",
              f"{'GB per GPU':<12}" + "".join(f"{b:>10}" for b in BACKENDS)]
     for key in ("weights", "gradients", "master", "optimizer", "ema", "frozen", "activations", "total"):
         lines.append(f"{key:<12}" + "".join(f"{r[key]:>10.2f}" if r else f"{'n/a':>10}"
