@@ -17,8 +17,10 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 AC_POLICIES = ("none", "selective", "full")
 
-# A matmul whose reduction is at least this long is worth keeping (2·K FLOPs per stored element).
-MIN_SAVED_REDUCTION = 64
+# A matmul whose reduction is at least this long is worth keeping (2·K FLOPs per stored element). Shorter
+# ones are the pixel MLP's (D_pix and 4·D_pix = 64 for D_pix 16): cheap to redo, and their outputs are
+# per-pixel tensors, the largest activations of the model.
+MIN_SAVED_REDUCTION = 128
 
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default: 1, _aten.addmm.default: 2, _aten.bmm.default: 1, _aten.baddbmm.default: 2}
