@@ -60,9 +60,9 @@ def train_step(model, inputs) -> None:
     (out.float() - x.float()).pow(2).mean().backward()
 
 
-def peak_step_bytes(model, inputs) -> int:
-    """Peak bytes of activations and temporaries (not parameters or gradients) of `train_step`, tracked
-    by torch's MemTracker; works on real tensors and under FakeTensorMode alike."""
+def peak_step_bytes(model, inputs, with_grads: bool = False) -> int:
+    """Peak bytes of activations and temporaries (and, `with_grads`, the gradients live at that moment; not
+    the parameters) of `train_step`, tracked by torch's MemTracker; real tensors and FakeTensorMode alike."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     tracker = MemTracker()
@@ -71,12 +71,13 @@ def peak_step_bytes(model, inputs) -> int:
         train_step(model, inputs)
     peak = 0
     for dev, snap in tracker.get_tracker_snapshot("peak").items():
-        peak = max(peak, snap[_MemRefType.ACT] + snap[_MemRefType.TEMP])
+        grads = snap[_MemRefType.GRAD] if with_grads else 0
+        peak = max(peak, snap[_MemRefType.ACT] + snap[_MemRefType.TEMP] + grads)
     return peak
 
 
 def activation_bytes(spec: dict, height: int, width: int, batch: int, dtype=torch.bfloat16,
-                     policy: str = "none", text_tokens: int | None = None) -> int:
+                     policy: str = "none", text_tokens: int | None = None, with_grads: bool = False) -> int:
     """Peak activation bytes of one micro-batch, measured under FakeTensorMode (no real memory used)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -89,7 +90,7 @@ def activation_bytes(spec: dict, height: int, width: int, batch: int, dtype=torc
             torch.set_default_dtype(default)
         model.set_activation_checkpointing(policy)
         inputs = _inputs(model, batch, height, width, dtype, text_tokens)
-        return peak_step_bytes(model, inputs)
+        return peak_step_bytes(model, inputs, with_grads)
 
 
 # ------------------------------------------------------------------------------------------------ model states
