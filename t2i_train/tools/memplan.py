@@ -18,8 +18,9 @@ GPU (Gemma text encoder unless cached features are used, the REPA encoder) are a
 
 Activations of one micro-batch are measured, not modelled: the model is built under
 `FakeTensorMode` and one forward + backward runs at the config's resolution, dtype and checkpointing policy
-under torch's `MemTracker`; the peak of activations + temporaries is taken. Two batch sizes give a per-sample
-slope, from which the largest micro-batch that fits follows.
+under torch's `MemTracker`; the peak of activations + temporaries is taken, at the configured micro-batch and
+at twice that, whose difference gives the per-sample slope from which the largest micro-batch that fits
+follows.
 """
 from __future__ import annotations
 
@@ -185,11 +186,11 @@ def plan(config_path: str, gpus: int, gpu_mem_gb: float, reserve_gb: float = 4.0
     text_tokens = cfg.text.max_length if spec.get("arch") == "t2i" else None
     with torch.device("meta"):
         meta_model = build_model(spec)
-    act1 = activation_bytes(spec, height, width, 1, dtype, policy, text_tokens)
-    act2 = activation_bytes(spec, height, width, 2, dtype, policy, text_tokens)
-    per_sample, fixed = act2 - act1, 2 * act1 - act2
     micro = cfg.backend.micro_batch
-    activations = fixed + per_sample * micro
+    activations = activation_bytes(spec, height, width, micro, dtype, policy, text_tokens)
+    doubled = activation_bytes(spec, height, width, 2 * micro, dtype, policy, text_tokens)
+    per_sample = (doubled - activations) / micro
+    fixed = activations - per_sample * micro
     frozen = frozen_bytes(cfg)
     budget = (gpu_mem_gb - reserve_gb) * GB
     configured = {"deepspeed": f"zero{cfg.backend.zero_stage}", "fsdp": "fsdp"}.get(cfg.backend.name)
