@@ -198,7 +198,8 @@ def main(argv=None):
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, both models")
     ap.add_argument("--compile", action="store_true", help="torch.compile ours per block, the reference whole")
     ap.add_argument("--ac", default="none,selective", help="our activation-checkpointing policies to measure")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -231,7 +232,7 @@ def main(argv=None):
     peak, peak_what = _peak_gflops(device)
     results = child(impls)
     for impl in impls:
-        results[impl].update(child([impl], memory=True))
+        results[impl].update({"step_peak_gb": float("nan")} if args.no_memory else child([impl], memory=True))
         r = results[impl]
         r["step_s"] = statistics.median(r["times"])
         r["achieved_gflops_s"] = r["train_step_gflops"] / r["step_s"]
