@@ -35,7 +35,8 @@ class RunConfig:
 class ModelConfig:
     spec: Any = "pixeldit_tiny_t2i"  # preset name or config dict (see t2i_train.models.build_model)
     overrides: dict = field(default_factory=dict)
-    activation_checkpointing: bool = False
+    activation_checkpointing: Any = False  # per block: none | selective | full (true = full, false = none)
+    compile: Optional[bool] = None  # regional torch.compile of the blocks; None: on for CUDA, off on CPU
     init_from: Optional[str] = None  # weights only: a save_pretrained directory or .safetensors (ignored on resume)
     # ... or an earlier stage's run directory, whose export/<init_weights> is loaded; with init_optimizer (raw
     # weights, same backend and world size) its latest checkpoint's optimiser state is carried over as well
@@ -307,6 +308,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cond:
             raise ConfigError(msg)
 
+    need(cfg.model.activation_checkpointing in (True, False, "none", "selective", "full"),
+         "model.activation_checkpointing: must be none, selective, full (or a boolean), "
+         f"got {cfg.model.activation_checkpointing!r}")
     need(cfg.run.max_steps >= 0, f"run.max_steps: must be >= 0 (0 exports the initial weights), got {cfg.run.max_steps}")
     need(cfg.optim.lr > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0, got {cfg.optim.grad_clip}")

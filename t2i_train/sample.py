@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward")
     ap.add_argument("--grid-cols", type=int, help="grid columns (default: images per prompt, or √n)")
     ap.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile the transformer blocks (auto: on CUDA only)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -264,6 +266,7 @@ def run(args) -> int:
     rank, world, local_rank, use_pg = _dist_setup()
     device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     from .models.io import load_pretrained, load_run_info
+    from .models.wrapping import compile_wanted
 
     ckpt = locate_checkpoint(args.ckpt)
     try:
@@ -271,6 +274,8 @@ def run(args) -> int:
         run_info = load_run_info(ckpt)
     except (OSError, ValueError) as e:
         raise SampleError(f"--ckpt {ckpt}: {e}") from None
+    if compile_wanted(args.compile, device):
+        model.compile_blocks()
     arch = "t2i" if model.is_t2i else "c2i"
     height, width, cfg = sampling_settings(args, model, run_info)
     conditions = read_conditions(args, model.is_t2i)

@@ -38,6 +38,7 @@ from t2i_train.engine.preflight import check_run
 from t2i_train.engine.schedule import clip_at, lr_at
 from t2i_train.engine.spike import SpikeGuard, SpikeGuardError
 from t2i_train.engine.text_adapter import build_text_encoder
+from t2i_train.models.wrapping import compile_wanted
 
 
 def derive_seed(*parts) -> int:
@@ -198,8 +199,9 @@ class Trainer:
         if cfg.objective.repa_weight > 0:
             overrides.setdefault("repa_block", cfg.objective.repa_block)
         model = build_model(cfg.model.spec, **overrides)
-        if cfg.model.activation_checkpointing:
-            model.set_activation_checkpointing(True)
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        if compile_wanted(cfg.model.compile, self.device):
+            model.compile_blocks()
         init_checksum = None
         if cfg.model.init_from and resume_from is None:
             load_weights(model, str(init_weights_path(cfg.model)))

@@ -46,6 +46,8 @@ RULES: list[tuple[str, str, object]] = [
     (r"^t2i-sample --ckpt weights/pixeldit_xl_512 |^t2i-sample \.\.\. --preset ", "skip",
      "needs the released 512² weights; the 256² form runs below and tests/test_recipe.py checks the presets"),
     (r"^torchrun .*-m eval ", "skip", "placeholder arguments; tests/test_eval_runner.py generates on two ranks"),
+    (r"^t2i-memplan ", "skip", "a full-scale plan on the meta/fake device (about a minute per config); "
+                               "tests/test_memplan.py runs the CLI and checks its estimate against measured peaks"),
     (r"^t2i-eval geneval ", "skip", "needs a trained export and Mask2Former/CLIP weights; "
                                     "tests/test_eval_geneval_e2e.py runs generate and score with tiny models"),
     (r"^t2i-eval dpg ", "skip", "needs a trained export, the ELLA prompts/CSV and VQA weights; "

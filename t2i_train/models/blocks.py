@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
 
@@ -45,13 +46,13 @@ class MMDiTBlock(nn.Module):
         self.img_modulation = nn.Linear(dim, 6 * dim)
         self.txt_modulation = nn.Linear(dim, 6 * dim)
 
-    def forward(self, img, txt, c, img_rope, txt_rope=None, key_mask=None):
+    def forward(self, img, txt, c, img_rope, txt_rope=None, attn_mask=None):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_modulation(c).chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_modulation(c).chunk(6, dim=-1)
         img_attn, txt_attn = self.attn(
             modulate(self.img_norm1(img), i_shift1, i_scale1),
             modulate(self.txt_norm1(txt), t_shift1, t_scale1),
-            img_rope, txt_rope, key_mask,
+            img_rope, txt_rope, attn_mask,
         )
         img = torch.addcmul(img, i_gate1, img_attn)
         txt = torch.addcmul(txt, t_gate1, txt_attn)
@@ -91,6 +92,11 @@ class PiTBlock(nn.Module):
     - Pixel token compaction: the p² pixel tokens of a patch are flattened (p²·D_pix) and linearly
       compacted to the attention width, attention runs across the L patches, and the result is expanded back.
     - A GELU MLP acts on each pixel token.
+
+    The six p²·D_pix modulations are computed one at a time, right where they are used, from a chunk-major
+    view of Φ's weights (layout on disk unchanged): the [B·L, p², 6·D_pix] tensor never exists, shifts die
+    as soon as they are added, and only scales and gates stay alive for backward. The "+1" of each scale
+    is folded into its bias.
     """
 
     def __init__(self, pixel_dim: int, cond_dim: int, patch: int, attn_dim: int, attn_heads: int,
@@ -108,16 +114,28 @@ class PiTBlock(nn.Module):
         self.norm2 = RMSNorm(pixel_dim)
         self.mlp = GeluMLP(pixel_dim, mlp_ratio)
 
+    def _chunk_major_modulation(self):
+        """Φ's weight [p²·6·D_pix, D] and bias regrouped as six [p²·D_pix, D] / [p²·D_pix] pieces:
+        shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2."""
+        P2, D = self.patch * self.patch, self.pixel_dim
+        w = self.modulation.weight.view(P2, 6, D, -1).transpose(0, 1).reshape(6, P2 * D, -1)
+        b = self.modulation.bias.view(P2, 6, D).transpose(0, 1).reshape(6, P2 * D)
+        b = b + b.new_tensor([0, 1, 0, 0, 1, 0])[:, None]
+        return w.unbind(0), b.unbind(0)
+
     def forward(self, x, s_cond, batch: int, rope):
         BL, P2, D = x.shape
-        mod = self.modulation(s_cond).view(BL, P2, 6 * D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        h = modulate(self.norm1(x), shift1, scale1)
+        w, b = self._chunk_major_modulation()
+
+        def modulation(k):
+            return F.linear(s_cond, w[k], b[k]).view(BL, P2, D)
+
+        h = torch.addcmul(modulation(0), self.norm1(x), modulation(1))
         h = self.compact(h.reshape(batch, BL // batch, P2 * D))
         h = self.expand(self.attn(h, rope)).view(BL, P2, D)
-        x = torch.addcmul(x, gate1, h)
-        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
-        return x
+        x = torch.addcmul(x, modulation(2), h)
+        h = torch.addcmul(modulation(3), self.norm2(x), modulation(4))
+        return torch.addcmul(x, modulation(5), self.mlp(h))
 
 
 class FinalLayer(nn.Module):

@@ -6,11 +6,25 @@ autocast; results are cast back to the activation dtype.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+
+
+def _constant_table(fn):
+    """Memoise a table builder; tables are built outside any dispatch mode (fake or meta tensors, memory
+    trackers), so the cache only ever holds real CPU tensors."""
+    cached = lru_cache(maxsize=64)(fn)
+
+    @wraps(fn)
+    def build(*args):
+        with _disable_current_modes():
+            return cached(*args)
+
+    return build
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused pass; same result as normalising, then scaling
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         dtype = x.dtype
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(dtype)
@@ -36,7 +52,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # Positional encodings
 # --------------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=64)
+@_constant_table
 def _rope_2d_cached(head_dim: int, grid_h: int, grid_w: int, theta: float, extent: float) -> torch.Tensor:
     # Positions span [0, extent] whatever the grid size (resolution-independent), as in the release.
     xs = torch.linspace(0, extent, grid_w)
@@ -58,7 +74,7 @@ def rope_2d(head_dim: int, grid_h: int, grid_w: int, device, theta: float = 1000
     return _rope_2d_cached(head_dim, grid_h, grid_w, float(theta), float(extent)).to(device)
 
 
-@lru_cache(maxsize=64)
+@_constant_table
 def _rope_1d_cached(head_dim: int, length: int, theta: float) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
     ang = torch.outer(torch.arange(length).float(), freqs)
@@ -77,7 +93,7 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
-@lru_cache(maxsize=32)
+@_constant_table
 def _sincos_2d_cached(dim: int, height: int, width: int) -> torch.Tensor:
     # First half of the channels encodes the column (x), the second half the row (y);
     # each half is [sin | cos] of positions times 1/10000^(k/(dim/4)). Float64 like the release.
@@ -134,10 +150,19 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+def joint_attention_mask(key_mask: torch.Tensor | None, n_img: int) -> torch.Tensor | None:
+    """SDPA mask [B, 1, 1, L_txt + n_img] for the joint sequence (text first) from a text key mask [B, L_txt]
+    (True = real token); built once per forward and shared by every block."""
+    if key_mask is None:
+        return None
+    keep = torch.cat([key_mask.bool(), key_mask.new_ones(key_mask.shape[0], n_img, dtype=torch.bool)], dim=1)
+    return keep[:, None, None, :]
+
+
 class JointAttention(nn.Module):
     """MM-DiT attention: separate projections for image and text tokens, one attention over both.
 
-    Text tokens come first in the joint sequence. `key_mask` [B, L_txt] (True = real token) hides padded
+    Text tokens come first in the joint sequence. `attn_mask` (see `joint_attention_mask`) hides padded
     text tokens from every query.
     """
 
@@ -153,7 +178,7 @@ class JointAttention(nn.Module):
         self.img_proj = nn.Linear(dim, dim)
         self.txt_proj = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, img_rope, txt_rope=None, key_mask=None):
+    def forward(self, img, txt, img_rope, txt_rope=None, attn_mask=None):
         B, Ni, C = img.shape
         Nt = txt.shape[1]
         qi, ki, vi = _split_heads(self.img_qkv(img), self.heads)
@@ -165,10 +190,6 @@ class JointAttention(nn.Module):
         q = torch.cat([qt, qi], dim=1).transpose(1, 2)
         k = torch.cat([kt, ki], dim=1).transpose(1, 2)
         v = torch.cat([vt, vi], dim=1).transpose(1, 2)
-        attn_mask = None
-        if key_mask is not None:
-            keep = torch.cat([key_mask.bool(), key_mask.new_ones(B, Ni, dtype=torch.bool)], dim=1)
-            attn_mask = keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2)
         txt_out = self.txt_proj(out[:, :Nt].reshape(B, Nt, C))

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .blocks import DiTBlock, FinalLayer, MMDiTBlock, PiTBlock, PixelTokenEmbedder
-from .layers import RMSNorm, TimestepEmbedder, rope_1d, rope_2d
+from .layers import RMSNorm, TimestepEmbedder, joint_attention_mask, rope_1d, rope_2d
+from .wrapping import compile_blocks, normalize_ac_policy, run_block
 
 DEFAULTS: dict[str, Any] = dict(
     arch="c2i",
@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = dict(
     use_text_mask=True,
     repa_block=0,             # 1-based patch block whose output feeds REPA; 0 = none
     timestep_convention="native",
-    grad_checkpointing=False,
+    grad_checkpointing="none",  # activation checkpointing per block: none | selective | full (true = full)
 )
 
 
@@ -59,6 +59,7 @@ def resolve_config(cfg: dict) -> dict:
     if out["timestep_convention"] not in ("native", "sana_flow"):
         raise ValueError("model.timestep_convention must be 'native' or 'sana_flow', "
                          f"got {out['timestep_convention']!r}")
+    out["grad_checkpointing"] = normalize_ac_policy(out["grad_checkpointing"])
     if out["pixel_attn_dim"] is None:
         out["pixel_attn_dim"] = out["hidden_size"]
     if out["pixel_attn_heads"] is None:
@@ -80,7 +81,8 @@ class PixelDiT(nn.Module):
         self.hidden_size = D = cfg["hidden_size"]
         self.num_heads = cfg["num_heads"]
         self.in_channels = C = cfg["in_channels"]
-        self.grad_checkpointing = bool(cfg["grad_checkpointing"])
+        self.grad_checkpointing = cfg["grad_checkpointing"]
+        self.compiled = False
 
         self.patch_embed = nn.Linear(C * p * p, D)
         self.pixel_embed = PixelTokenEmbedder(C, cfg["pixel_dim"], cfg["use_pixel_abs_pos"])
@@ -119,18 +121,23 @@ class PixelDiT(nn.Module):
                 nn.init.zeros_(blk.modulation.weight)
                 nn.init.zeros_(blk.modulation.bias)
 
-    def set_activation_checkpointing(self, enabled: bool = True):
-        self.grad_checkpointing = bool(enabled)
-        self.config["grad_checkpointing"] = bool(enabled)
+    def set_activation_checkpointing(self, policy: str | bool = True):
+        """'none' | 'selective' | 'full' per block (a boolean means 'full' / 'none')."""
+        self.grad_checkpointing = normalize_ac_policy(policy)
+        self.config["grad_checkpointing"] = self.grad_checkpointing
+
+    def compile_blocks(self):
+        """Regional torch.compile: each transformer block is compiled in place (see models.wrapping)."""
+        if not self.compiled:
+            compile_blocks(self.shard_units())
+            self.compiled = True
 
     def shard_units(self) -> list[nn.Module]:
         """The transformer blocks, each a unit for FSDP2 `fully_shard` and activation checkpointing."""
         return [*self.patch_blocks, *self.pixel_blocks]
 
     def _run(self, block, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(self.grad_checkpointing, block, *args)
 
     # ----------------------------------------------------------------------------------------------
     def _check_inputs(self, x, t, cond, mask):
@@ -183,8 +190,9 @@ class PixelDiT(nn.Module):
             txt_rope = rope_1d(D // self.num_heads, Lt, x.device, cfg["text_rope_theta"]) \
                 if cfg["text_rope"] else None
             key_mask = mask[:, :Lt].bool() if (mask is not None and cfg["use_text_mask"]) else None
+            attn_mask = joint_attention_mask(key_mask, L)
             for i, blk in enumerate(self.patch_blocks):
-                s, txt = self._run(blk, s, txt, c, rope, txt_rope, key_mask)
+                s, txt = self._run(blk, s, txt, c, rope, txt_rope, attn_mask)
                 if i + 1 == cfg["repa_block"]:
                     repa_h = s
         else:
