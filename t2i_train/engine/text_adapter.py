@@ -40,7 +40,7 @@ def build_text_encoder(text_cfg, txt_dim: int, txt_len: int, device):
 
     if name.startswith("hash"):
         return load_text_encoder(name, max_length=min(text_cfg.max_length, txt_len), expected_dim=txt_dim)
-    return load_text_encoder(name, max_length=text_cfg.max_length, chi_prompt=chi_prompt(text_cfg.chi), device=device)
+    return load_text_encoder(name, max_length=text_cfg.max_length, chi_prompt=chi_prompt(getattr(text_cfg, "chi", "default")), device=device)
 
 
 def chi_prompt(chi: str) -> str | None:
