@@ -129,6 +129,7 @@ def _worker(rank: int, port: int, result_dir: str):
         fsdp, zero = _fsdp_style(rank), _zero_style(rank)
         if rank == 0:
             torch.save({"fsdp": fsdp, "zero": zero}, os.path.join(result_dir, "out.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
