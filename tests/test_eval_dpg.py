@@ -215,6 +215,7 @@ def _score_on_rank(rank: int, world: int, port: int, images: str, csv_path: str,
     vqa = ScriptedVQA()
     report = evaluate(Path(images), Path(csv_path), vqa, progress=False)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"report": report, "calls": vqa.calls}))
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.shutdown()
 
 
