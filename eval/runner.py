@@ -28,10 +28,10 @@ import torch
 
 from t2i_train.diffusion.samplers import SAMPLERS, SamplerConfig, make_noise, sample
 from t2i_train.engine import dist
+from t2i_train.models.io import RUN_INFO_NAME, load_run_info
 from t2i_train.sample import SAMPLING_PRESETS, default_preset, default_shift, save_png, to_uint8
 
 SETTINGS_NAME = "generation.json"
-RUN_INFO_NAME = "run_info.json"
 # settings that may change between two runs writing into the same folder without changing any image
 _VOLATILE = ("images", "world_size", "batch_size", "notes")
 
@@ -53,18 +53,6 @@ def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def read_run_info(ckpt: Union[str, os.PathLike]) -> dict:
-    """`run_info.json` beside an export (text encoder, resolution, sampler of the run), or {} when absent."""
-    p = Path(ckpt)
-    path = (p if p.is_dir() else p.parent) / RUN_INFO_NAME
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _weights_file(ckpt: Path) -> Path:
@@ -159,7 +147,7 @@ def load_generator(ckpt: Union[str, os.PathLike], *, device: Union[str, torch.de
     dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-    run_info = read_run_info(ckpt)
+    run_info = load_run_info(ckpt)
     model = load_pretrained(ckpt, device=device)
     encoder = name = None
     if model.is_t2i:
