@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-encoder", default=None,
                     help=f"T2I: Gemma-2 local directory or hub id, or hash:DIM, the CPU demo's stand-in "
                          f"({info} {DEFAULT_GEMMA})")
-    ap.add_argument("--no-chi", action="store_true", help="T2I: do not prepend the complex human instruction")
+    ap.add_argument("--no-chi", action="store_true", help="T2I: do not prepend the complex human instruction (default: the one in run_info.json, else the reference's)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model forward dtype")
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward")
     ap.add_argument("--grid-cols", type=int, help="grid columns (default: images per prompt, or √n)")
@@ -230,14 +230,14 @@ def sampling_settings(args, model, run_info: dict) -> tuple[int, int, SamplerCon
 
 def text_encoder_for(args, model, run_info: dict, device):
     """--text-encoder, else the one the export was trained with, else Gemma-2 from the hub."""
+    from .engine.run_info import run_info_chi
     from .text.encoders import load_text_encoder
-    from .text.gemma import CHI_PROMPT
 
     text = run_info.get("text") or {}
     name = args.text_encoder or text.get("encoder") or DEFAULT_GEMMA
     return load_text_encoder(name, max_length=int(text.get("max_length") or model.config["txt_len"]),
                              expected_dim=int(model.config["txt_dim"]),
-                             chi_prompt=None if args.no_chi else CHI_PROMPT, device=device,
+                             chi_prompt=None if args.no_chi else run_info_chi(text), device=device,
                              batch_size=args.batch_size)
 
 

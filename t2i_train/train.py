@@ -198,6 +198,8 @@ class Trainer:
         overrides = dict(cfg.model.overrides)
         if cfg.objective.repa_weight > 0:
             overrides.setdefault("repa_block", cfg.objective.repa_block)
+        if cfg.run.task == "t2i":  # the export then says whether the denoiser was trained seeing the text mask
+            overrides.setdefault("use_text_mask", bool(cfg.text.use_mask))
         model = build_model(cfg.model.spec, **overrides)
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
         if compile_wanted(cfg.model.compile, self.device):

@@ -135,9 +135,14 @@ def test_init_from_missing_is_one_line(tmp_path, demo_dir):
 
 def test_export_records_run_info(demo_dir):
     from t2i_train.models.io import load_run_info
+    from t2i_train.text import CHI_PROMPT
 
     info = load_run_info(demo_dir / "runs" / "demo_t2i_512" / "export" / "ema")
-    assert info == {"text": {"encoder": "hash:32", "max_length": 16}, "resolution": [32, 32],
+    text = info.pop("text")
+    assert text.pop("chi_prompt") in (None, CHI_PROMPT) and text == {"encoder": "hash:32", "max_length": 16,
+                                                                      "use_mask": text["use_mask"]}
+    assert isinstance(text["use_mask"], bool)
+    assert info == {"resolution": [32, 32],
                     "resolutions": [[32, 32]],
                     "sampler": {"name": "flow_dpm_solver", "steps": 4, "shift": 3.0, "cfg_scale": 2.0,
                                 "cfg_interval": [0.0, 1.0]}}
@@ -147,6 +152,7 @@ def test_export_records_run_info(demo_dir):
 def test_multi_aspect_run_info_lists_its_buckets():
     from t2i_train.config import load_config
     from t2i_train.engine.run_info import build_run_info, training_resolutions
+    from t2i_train.text import CHI_PROMPT
 
     cfg = load_config(REPO / "configs" / "demo" / "t2i_tiny_1024.yaml")
     assert training_resolutions(cfg) == ([48, 48], [[32, 64], [48, 48], [64, 32]])
@@ -154,7 +160,9 @@ def test_multi_aspect_run_info_lists_its_buckets():
     base, buckets = training_resolutions(cfg)
     assert base == [1024, 1024] and [1024, 1024] in buckets and [752, 1344] in buckets
     info = build_run_info(cfg, {"arch": "t2i", "txt_len": 300})
-    assert info["text"] == {"encoder": "google/gemma-2-2b-it", "max_length": 300}
+    # the released recipe: the reference's instruction before every caption, no padding mask to the denoiser
+    assert info["text"] == {"encoder": "google/gemma-2-2b-it", "max_length": 300, "chi_prompt": CHI_PROMPT,
+                            "use_mask": False}
     assert info["sampler"]["shift"] == 4.0
     assert build_run_info(load_config(REPO / "configs" / "imagenet256_xl.yaml"), {"arch": "c2i"})["text"] is None
 
@@ -316,3 +324,16 @@ def test_config_reference_is_up_to_date_and_complete():
     assert not undocumented, f"keys without a meaning (add an inline # comment in t2i_train/config.py): {undocumented}"
     for key in ("run.allow_config_change", "backend.global_batch", "optim.step_downs[].lr", "extends"):
         assert f"| `{key}` |" in text
+
+
+def test_run_info_carries_the_text_settings_the_sampler_must_reuse():
+    """An export records the instruction and the mask setting; loaders use them (absent: the reference's)."""
+    from t2i_train.config import load_config
+    from t2i_train.engine.run_info import build_run_info, run_info_chi
+    from t2i_train.text import CHI_PROMPT
+
+    cfg = load_config(REPO / "configs" / "t2i_512.yaml", ["text.chi=none", "text.use_mask=true"])
+    text = build_run_info(cfg, {"arch": "t2i", "txt_len": 300})["text"]
+    assert text["chi_prompt"] is None and text["use_mask"] is True
+    assert run_info_chi(text) is None
+    assert run_info_chi({"encoder": "x"}) == CHI_PROMPT  # exports from before the key existed

@@ -1,6 +1,7 @@
 """What an EMA export needs to be sampled without guesswork: `export/<name>/run_info.json`.
 
-    {"text": {"encoder": "<path|hub id|hash:N>", "max_length": N} | null,
+    {"text": {"encoder": "<path|hub id|hash:N>", "max_length": N, "chi_prompt": "<instruction>" | null,
+              "use_mask": bool} | null,
      "resolution": [H, W], "resolutions": [[H, W], ...],
      "sampler": {"name", "steps", "shift", "cfg_scale", "cfg_interval": [lo, hi]}}
 
@@ -49,12 +50,22 @@ def text_encoder_name(cfg) -> str | None:
         return (f.metadata() or {}).get("text_encoder")
 
 
+def run_info_chi(text_info: dict) -> str | None:
+    """The instruction the run prepended to its captions; exports written before it was recorded used the default."""
+    from t2i_train.text import CHI_PROMPT
+
+    return text_info["chi_prompt"] if "chi_prompt" in text_info else CHI_PROMPT
+
+
 def build_run_info(cfg, model_config: dict) -> dict:
     resolution, resolutions = training_resolutions(cfg)
     text = None
     if model_config.get("arch") == "t2i":
+        from t2i_train.engine.text_adapter import chi_prompt
+
         text = {"encoder": text_encoder_name(cfg),
-                "max_length": int(min(cfg.text.max_length, model_config.get("txt_len", cfg.text.max_length)))}
+                "max_length": int(min(cfg.text.max_length, model_config.get("txt_len", cfg.text.max_length))),
+                "chi_prompt": chi_prompt(cfg.text.chi), "use_mask": bool(cfg.text.use_mask)}
     log = cfg.logging
     sampler = {"name": log.val_sampler, "steps": int(log.val_steps), "shift": float(cfg.objective.shift),
                "cfg_scale": float(log.val_cfg_scale), "cfg_interval": [0.0, 1.0]}
