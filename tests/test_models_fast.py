@@ -83,3 +83,37 @@ def test_compiled_blocks_give_the_eager_gradients():
         assert torch.allclose(out, out0, rtol=0, atol=1e-5), policy
         assert torch.allclose(g, g0, rtol=0, atol=1e-5), policy
     assert counters["stats"]["unique_graphs"] == 2  # one MM-DiT graph for 4 blocks, one PiT graph
+
+
+@pytest.mark.parametrize("arch", ["t2i", "c2i"])
+def test_shift_fold_gives_the_plain_gradients(arch):
+    """PiT shift fold (compact(shift1) = (W_c·W_shift1)·s + W_c·b_shift1): outputs and every parameter
+    gradient equal the plain path's within 1e-5 (fp32; only the order of float sums differs)."""
+    model = _tiny(arch)
+    torch.manual_seed(1)
+    inputs = _inputs(model, 2, 64, 48, torch.float32, None)  # B·L = 96 patch tokens: the fold pays
+    assert all(blk.fold_shift and blk.shift_fold_pays(96) for blk in model.pixel_blocks)
+    out0, g0 = _grads(model, inputs)
+    with model.nominal_flops():
+        assert not any(blk.fold_shift for blk in model.pixel_blocks)
+        out, g = _grads(model, inputs)
+    assert all(blk.fold_shift for blk in model.pixel_blocks)
+    assert g0.abs().sum() > 0
+    assert torch.allclose(out, out0, rtol=0, atol=1e-5)
+    assert torch.allclose(g, g0, rtol=0, atol=1e-5)
+
+
+def test_shift_fold_only_where_it_saves_flops():
+    """The fold runs when it executes fewer FLOPs (training batches), the plain path for a single small image;
+    the FLOP counter reports the nominal architecture either way, and the executed count is lower."""
+    from t2i_train.tools.flops import count_forward_flops
+
+    with torch.device("meta"):
+        model = build_model("pixeldit_xl")
+    blk = model.pixel_blocks[0]
+    assert not blk.shift_fold_pays(256)      # 256², batch 1
+    assert blk.shift_fold_pays(8 * 256)      # 256², batch 8
+    nominal = count_forward_flops(model, 256, 256, batch=8)
+    executed = count_forward_flops(model, 256, 256, batch=8, nominal=False)
+    assert nominal == 8 * count_forward_flops(model, 256, 256)
+    assert executed < nominal
