@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import fused_mlp_applies, pixel_mlp_residual
 from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
 
 
@@ -107,6 +108,7 @@ class PiTBlock(nn.Module):
     """
 
     fold_shift = True
+    fused_mlp = True  # the pixel MLP sub-block through models.fused where it applies (eager float32)
 
     def __init__(self, pixel_dim: int, cond_dim: int, patch: int, attn_dim: int, attn_heads: int,
                  mlp_ratio: float = 4.0):
@@ -156,6 +158,8 @@ class PiTBlock(nn.Module):
             h = self.compact(h.reshape(batch, BL // batch, P2 * D))
         h = self.expand(self.attn(h, rope)).view(BL, P2, D)
         x = torch.addcmul(x, modulation(2), h)
+        if self.fused_mlp and fused_mlp_applies(x):
+            return pixel_mlp_residual(x, modulation(3), modulation(4), modulation(5), self.norm2, self.mlp)
         h = torch.addcmul(modulation(3), self.norm2(x), modulation(4))
         return torch.addcmul(x, modulation(5), self.mlp(h))
 
