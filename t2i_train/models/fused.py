@@ -9,7 +9,8 @@ pixel rows are processed in chunks that stay in the CPU's cache; backward recomp
 only x, scale, gate, the MLP input and one RMS statistic per pixel.
 
 Same mathematics as the op-by-op path (models.blocks.PiTBlock with `fused_mlp` off); only the order of float
-sums differs (the parameter-gradient reductions run chunk by chunk). CPU float32 only (fused_mlp_applies).
+sums differs (the parameter-gradient reductions run chunk by chunk). CPU only, float32 or bfloat16 autocast
+(fused_mlp_applies); in bfloat16 the rounding points are those of the op-by-op path under autocast.
 """
 from __future__ import annotations
 
@@ -22,23 +23,30 @@ CHUNK_ROWS = 4096
 
 
 class _PixelMLPResidual(torch.autograd.Function):
+    """Activations x, shift, scale, gate in the compute dtype `cd` (float32, or bfloat16 under autocast);
+    parameters in float32. Rounding points follow the op-by-op path under autocast: the RMS statistics and
+    the modulated input run in float32, the normalised value and the MLP input are rounded to `cd`, the
+    matmuls and GELU run in `cd`; parameter gradients accumulate in float32."""
+
     @staticmethod
     def forward(ctx, x, shift, scale, gate, norm_w, w1, b1, w2, b2, eps):
-        shape, D = x.shape, x.shape[-1]
+        shape, D, cd = x.shape, x.shape[-1], x.dtype
         xf, sh, sc, gt = (t.reshape(-1, D) for t in (x, shift, scale, gate))
         N = xf.shape[0]
         out = torch.empty_like(xf)
         h = torch.empty_like(xf)
-        rstd = torch.empty(N, 1, dtype=xf.dtype, device=xf.device)
-        w1t, w2t = w1.t(), w2.t()
-        for i in range(0, N, CHUNK_ROWS):
-            j = min(i + CHUNK_ROWS, N)
-            xc = xf[i:j]
-            r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True).add_(eps), out=rstd[i:j])
-            n = (xc * r).mul_(norm_w)
-            hc = torch.addcmul(sh[i:j], n, sc[i:j], out=h[i:j])
-            a = F.gelu(torch.addmm(b1, hc, w1t))
-            torch.addcmul(xc, gt[i:j], torch.addmm(b2, a, w2t), out=out[i:j])
+        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+        w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
+        with torch.autocast(xf.device.type, enabled=False):
+            for i in range(0, N, CHUNK_ROWS):
+                j = min(i + CHUNK_ROWS, N)
+                xc = xf[i:j]
+                x32 = xc.float()
+                r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps), out=rstd[i:j])
+                n = (x32 * r).to(cd).float().mul_(norm_w)
+                h[i:j] = torch.addcmul(sh[i:j].float(), n, sc[i:j].float())
+                a = F.gelu(torch.addmm(b1c, h[i:j], w1t))
+                torch.addcmul(xc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
         ctx.save_for_backward(xf, sc, gt, h, rstd, norm_w, w1, b1, w2, b2)
         ctx.shape = shape
         return out.view(shape)
@@ -46,7 +54,7 @@ class _PixelMLPResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xf, sc, gt, h, rstd, norm_w, w1, b1, w2, b2 = ctx.saved_tensors
-        D = xf.shape[-1]
+        D, cd = xf.shape[-1], xf.dtype
         G = grad_out.reshape(-1, D)
         N = xf.shape[0]
         need = ctx.needs_input_grad
@@ -54,42 +62,49 @@ class _PixelMLPResidual(torch.autograd.Function):
         dshift = torch.empty_like(xf)
         dscale = torch.empty_like(xf)
         dgate = torch.empty_like(xf)
-        dnw = torch.zeros_like(norm_w, dtype=torch.float32)
-        dw1, db1 = torch.zeros_like(w1), torch.zeros_like(b1)
-        dw2, db2 = torch.zeros_like(w2), torch.zeros_like(b2)
-        w1t, w2t = w1.t(), w2.t()
-        for i in range(0, N, CHUNK_ROWS):
-            j = min(i + CHUNK_ROWS, N)
-            xc, r, hc, scc, Gc = xf[i:j], rstd[i:j], h[i:j], sc[i:j], G[i:j]
-            pre = torch.addmm(b1, hc, w1t)
-            act = F.gelu(pre)
-            torch.mul(Gc, torch.addmm(b2, act, w2t), out=dgate[i:j])
-            dm = Gc * gt[i:j]
-            dw2.addmm_(dm.t(), act)
-            db2 += dm.sum(0)
-            da = torch.ops.aten.gelu_backward(torch.mm(dm, w2), pre)
-            dw1.addmm_(da.t(), hc)
-            db1 += da.sum(0)
-            dh = torch.mm(da, w1, out=dshift[i:j])
-            xh = xc * r
-            torch.mul(dh, xh * norm_w, out=dscale[i:j])
-            dn = dh * scc
-            dnw += (dn * xh).sum(0)
-            dxh = dn.mul_(norm_w)
-            proj = (dxh * xh).mean(-1, keepdim=True)
-            torch.addcmul(Gc, dxh.sub_(xh.mul_(proj)), r, out=dx[i:j])
+        f32 = dict(dtype=torch.float32, device=xf.device)
+        dnw = torch.zeros(norm_w.shape, **f32)
+        dw1, db1 = torch.zeros(w1.shape, **f32), torch.zeros(b1.shape, **f32)
+        dw2, db2 = torch.zeros(w2.shape, **f32), torch.zeros(b2.shape, **f32)
+        w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
+        w1t, w2t = w1c.t(), w2c.t()
+        with torch.autocast(xf.device.type, enabled=False):
+            for i in range(0, N, CHUNK_ROWS):
+                j = min(i + CHUNK_ROWS, N)
+                xc, r, hc, Gc = xf[i:j], rstd[i:j], h[i:j], G[i:j]
+                pre = torch.addmm(b1c, hc, w1t)
+                act = F.gelu(pre)
+                torch.mul(Gc, torch.addmm(b2c, act, w2t), out=dgate[i:j])
+                dm = Gc * gt[i:j]
+                dw2 += torch.mm(dm.t(), act).float()
+                db2 += dm.float().sum(0)
+                da = torch.ops.aten.gelu_backward(torch.mm(dm, w2c), pre)
+                dw1 += torch.mm(da.t(), hc).float()
+                db1 += da.float().sum(0)
+                dh = torch.mm(da, w1c, out=dshift[i:j]).float()
+                xh = xc.float() * r
+                nb = xh.to(cd).float()
+                dscale[i:j] = dh * nb * norm_w
+                dn = dh * sc[i:j].float()
+                dnw += (dn * nb).sum(0)
+                dxh = (dn * norm_w).to(cd).float()
+                proj = (dxh * xh).mean(-1, keepdim=True)
+                dx[i:j] = torch.addcmul(Gc.float(), dxh - xh * proj, r)
         shape = ctx.shape
         grads = [dx.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
-                 dnw.to(norm_w.dtype), dw1, db1, dw2, db2, None]
+                 dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None]
         return tuple(g if n else None for g, n in zip(grads, need))
 
 
 def fused_mlp_applies(x: torch.Tensor) -> bool:
-    """The fused path runs eagerly on CPU for float32 activations outside autocast. Its chunks are sized for
-    a CPU cache; on GPUs, and under torch.compile (inductor fuses the op-by-op path itself), the op-by-op
-    path runs."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+    """The fused path runs eagerly on CPU for float32 activations without autocast or bfloat16 activations
+    under bfloat16 autocast. Its chunks are sized for a CPU cache; on GPUs, and under torch.compile
+    (inductor fuses the op-by-op path itself), the op-by-op path runs."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return x.dtype == torch.bfloat16 and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.float32
 
 
 def pixel_mlp_residual(x, shift, scale, gate, norm, mlp):
