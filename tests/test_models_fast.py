@@ -1,4 +1,5 @@
-"""Fast path of the model: checkpointing policies and regional compile give the eager gradients."""
+"""Fast path of the model: checkpointing policies, regional compile, the PiT shift fold and the fused pixel MLP
+give the plain path's gradients."""
 import copy
 
 import pytest

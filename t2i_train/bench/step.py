@@ -14,7 +14,8 @@ the start of one step (glibc mallinfo2 polled every millisecond on CPU, torch.cu
 CUDA): activations, gradients and temporaries, not the parameters, which are the same for both.
 FLOPs are model FLOPs, 3 × the forward pass (patch + pixel pathways, FlopCounterMode), whatever
 recomputation checkpointing adds, counted on the nominal architecture (our PiT shift fold switched off, so
-both implementations are credited the same FLOPs; what ours executes is printed beside it); MFU is against an fp32 matmul peak measured in the same run on CPU and
+both implementations are credited the same FLOPs; what ours executes is printed beside it); MFU is against
+an fp32 matmul peak measured in the same run on CPU and
 against the device's dense bf16 peak on CUDA.
 """
 from __future__ import annotations
