@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from t2i_train.convert import convert_state_dict
 from t2i_train.models import PixelDiT
+from t2i_train.models.blocks import PiTBlock
 
 FIXTURE = Path(__file__).parent / "fixtures" / "equivalence.safetensors"
 TOL = 1e-5
@@ -44,7 +45,16 @@ def fixture():
     return _load()
 
 
-def test_c2i_matches_reference(fixture):
+@pytest.fixture(params=["auto", "shift_fold"])
+def path(request, monkeypatch):
+    """Run each case as the model chooses (these tiny inputs take the plain path) and with the pixel blocks'
+    shift fold forced on, so the folded path is held to the same tolerance."""
+    if request.param == "shift_fold":
+        monkeypatch.setattr(PiTBlock, "shift_fold_pays", lambda self, tokens: True)
+    return request.param
+
+
+def test_c2i_matches_reference(fixture, path):
     meta, tensors = fixture
     model, cfg = _model(tensors, "c2i")
     assert cfg["num_classes"] == json.loads(meta["c2i_config"])["num_classes"]
@@ -61,7 +71,7 @@ def test_c2i_matches_reference(fixture):
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_t2i_matches_reference(fixture, use_mask):
+def test_t2i_matches_reference(fixture, use_mask, path):
     meta, tensors = fixture
     model, cfg = _model(tensors, "t2i")
     assert cfg["timestep_convention"] == "sana_flow" and cfg["use_text_mask"] is False

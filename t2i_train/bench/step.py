@@ -13,7 +13,9 @@ Memory: each implementation runs alone in its own process; "step peak" is the pe
 the start of one step (glibc mallinfo2 polled every millisecond on CPU, torch.cuda.max_memory_allocated on
 CUDA): activations, gradients and temporaries, not the parameters, which are the same for both.
 FLOPs are model FLOPs, 3 × the forward pass (patch + pixel pathways, FlopCounterMode), whatever
-recomputation checkpointing adds; MFU is against an fp32 matmul peak measured in the same run on CPU and
+recomputation checkpointing adds, counted on the nominal architecture (our PiT shift fold switched off, so
+both implementations are credited the same FLOPs; what ours executes is printed beside it); MFU is against
+an fp32 matmul peak measured in the same run on CPU and
 against the device's dense bf16 peak on CUDA.
 """
 from __future__ import annotations
@@ -109,7 +111,11 @@ def _setup(impl: str, args, device):
     target = torch.randn_like(x)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" \
         else contextlib.nullcontext
-    flops = _forward_flops(model, autocast, x, t, y)  # before compiling: FLOPs of the eager model
+    # before compiling: FLOPs of the eager model, nominal architecture (MFU) and, for ours, as executed
+    nominal = model.nominal_flops() if hasattr(model, "nominal_flops") else contextlib.nullcontext()
+    with nominal:
+        flops = _forward_flops(model, autocast, x, t, y)
+    executed = _forward_flops(model, autocast, x, t, y)
     fwd = model
     if args.compile:
         if impl == "reference":
@@ -125,7 +131,7 @@ def _setup(impl: str, args, device):
         for p in model.parameters():
             p.grad = None
 
-    return model, step, flops
+    return model, step, (flops, executed)
 
 
 def _forward_flops(model, autocast, *inputs) -> int:
@@ -145,8 +151,8 @@ def _sync(device):
 def run_timing(impls: list[str], args, device) -> dict:
     setups = {impl: _setup(impl, args, device) for impl in impls}
     results = {impl: {"params_M": sum(p.numel() for p in m.parameters()) / 1e6,
-                      "train_step_gflops": 3 * flops / 1e9, "times": []}
-               for impl, (m, _, flops) in setups.items()}
+                      "train_step_gflops": 3 * flops / 1e9, "executed_gflops": 3 * executed / 1e9, "times": []}
+               for impl, (m, _, (flops, executed)) in setups.items()}
     for _ in range(args.warmup):
         for _, step, _ in setups.values():
             step()
@@ -241,8 +247,10 @@ def main(argv=None):
     print(f"{args.device}, {args.precision}{', compiled' if args.compile else ''}, batch {BATCH} at {SIZE}²; "
           f"MFU against the {peak_what}: {peak:.1f} GFLOP/s")
     for impl, r in results.items():
+        executed = "" if abs(r["executed_gflops"] - r["train_step_gflops"]) < 0.05 \
+            else f", {r['executed_gflops']:.1f} executed"
         print(f"{impl:>15}: step {r['step_s']:.3f} s (median of {args.steps}), {r['train_step_gflops']:.1f} GFLOP "
-              f"(3× forward), {r['achieved_gflops_s']:.1f} GFLOP/s, MFU {r['mfu']:.3f}, "
+              f"(3× forward{executed}), {r['achieved_gflops_s']:.1f} GFLOP/s, MFU {r['mfu']:.3f}, "
               f"step peak {r['step_peak_gb']:.3f} GB, {r['params_M']:.2f}M params")
     base = results.get("ours:none")
     for impl, r in results.items():

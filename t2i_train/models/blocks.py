@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import fused_mlp_applies, pixel_mlp_residual
 from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
 
 
@@ -97,7 +98,17 @@ class PiTBlock(nn.Module):
     view of Φ's weights (layout on disk unchanged): the [B·L, p², 6·D_pix] tensor never exists, shifts die
     as soon as they are added, and only scales and gates stay alive for backward. The "+1" of each scale
     is folded into its bias.
+
+    Shift fold: the first shift only ever reaches the compaction linear, so
+    compact(n·scale1 + shift1) = W_c·(n·scale1) + (W_c·W_shift1)·s + (W_c·b_shift1 + b_c): the
+    [B·L, p²·D_pix] shift is replaced by a [D_attn, D] product of weights, an exact rewrite (up to float
+    rounding order). It is taken when it executes fewer FLOPs (training batches; not small sampling batches)
+    and when `fold_shift` is on; FLOP counts of the nominal architecture switch it off
+    (`PixelDiT.nominal_flops`).
     """
+
+    fold_shift = True
+    fused_mlp = True  # the pixel MLP sub-block through models.fused where it applies (eager float32)
 
     def __init__(self, pixel_dim: int, cond_dim: int, patch: int, attn_dim: int, attn_heads: int,
                  mlp_ratio: float = 4.0):
@@ -123,6 +134,13 @@ class PiTBlock(nn.Module):
         b = b + b.new_tensor([0, 1, 0, 0, 1, 0])[:, None]
         return w.unbind(0), b.unbind(0)
 
+    def shift_fold_pays(self, tokens: int) -> bool:
+        """Whether folding shift1 into the compaction executes fewer FLOPs for `tokens` = B·L patch tokens:
+        B·L·D·p²D_pix (the shift) > D_attn·p²D_pix·D (W_c·W_shift1) + B·L·D·D_attn (its product with s)."""
+        cond_dim = self.modulation.in_features
+        pix = self.compact.in_features
+        return tokens * cond_dim * pix > self.attn_dim * pix * cond_dim + tokens * cond_dim * self.attn_dim
+
     def forward(self, x, s_cond, batch: int, rope):
         BL, P2, D = x.shape
         w, b = self._chunk_major_modulation()
@@ -130,10 +148,18 @@ class PiTBlock(nn.Module):
         def modulation(k):
             return F.linear(s_cond, w[k], b[k]).view(BL, P2, D)
 
-        h = torch.addcmul(modulation(0), self.norm1(x), modulation(1))
-        h = self.compact(h.reshape(batch, BL // batch, P2 * D))
+        if self.fold_shift and self.shift_fold_pays(BL):
+            wc = self.compact.weight
+            shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
+            h = (self.norm1(x) * modulation(1)).view(BL, P2 * D)
+            h = torch.addmm(shift_term, h, wc.t()).view(batch, BL // batch, -1)
+        else:
+            h = torch.addcmul(modulation(0), self.norm1(x), modulation(1))
+            h = self.compact(h.reshape(batch, BL // batch, P2 * D))
         h = self.expand(self.attn(h, rope)).view(BL, P2, D)
         x = torch.addcmul(x, modulation(2), h)
+        if self.fused_mlp and fused_mlp_applies(x):
+            return pixel_mlp_residual(x, modulation(3), modulation(4), modulation(5), self.norm2, self.mlp)
         h = torch.addcmul(modulation(3), self.norm2(x), modulation(4))
         return torch.addcmul(x, modulation(5), self.mlp(h))
 

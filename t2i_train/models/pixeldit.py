@@ -11,6 +11,7 @@ output ε − x); `timestep_convention: sana_flow` adapts at this boundary.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -131,6 +132,19 @@ class PixelDiT(nn.Module):
         if not self.compiled:
             compile_blocks(self.shard_units())
             self.compiled = True
+
+    @contextlib.contextmanager
+    def nominal_flops(self):
+        """Within this context the model executes the nominal architecture (no shift fold, see PiTBlock), so
+        that FLOP counters see the paper's FLOPs (Table 16); MFU is computed from these."""
+        saved = [blk.fold_shift for blk in self.pixel_blocks]
+        for blk in self.pixel_blocks:
+            blk.fold_shift = False
+        try:
+            yield self
+        finally:
+            for blk, v in zip(self.pixel_blocks, saved):
+                blk.fold_shift = v
 
     def shard_units(self) -> list[nn.Module]:
         """The transformer blocks, each a unit for FSDP2 `fully_shard` and activation checkpointing."""

@@ -4,11 +4,14 @@
     python -m t2i_train.tools.flops --config configs/t2i_1024.yaml --text-tokens 300   # at the config's resolution
 
 Counting is torch.utils.flop_counter.FlopCounterMode: matrix products and attention, a multiply-add = 2
-FLOPs; element-wise work is not counted (the convention of the paper's Table 16).
+FLOPs; element-wise work is not counted (the convention of the paper's Table 16). The count is that of the
+nominal architecture: the pixel blocks' shift fold (an exact rewrite that skips work, models.blocks.PiTBlock)
+is switched off while counting, so MFU is never inflated by it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -21,8 +24,11 @@ DEFAULT_SIDE = 256
 
 
 def count_forward_flops(model, height: int, width: int, batch: int = 1, text_tokens: int | None = None,
-                        backward: bool = False) -> int:
-    """FLOPs of one forward (or forward+backward) of `model` at the given size, on the model's device."""
+                        backward: bool = False, nominal: bool = True) -> int:
+    """FLOPs of one forward (or forward+backward) of `model` at the given size, on the model's device.
+
+    nominal=True counts the architecture as the paper does (PixelDiT.nominal_flops: the pixel blocks' shift
+    fold off); nominal=False counts what the model executes, which can be fewer FLOPs."""
     device = next(model.parameters()).device
     x = torch.zeros(batch, model.in_channels, height, width, device=device)
     t = torch.full((batch,), 0.5, device=device)
@@ -34,7 +40,8 @@ def count_forward_flops(model, height: int, width: int, batch: int = 1, text_tok
     else:
         cond = torch.zeros(batch, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
-    with counter:
+    nominal_ctx = model.nominal_flops() if nominal else contextlib.nullcontext()
+    with counter, nominal_ctx:
         if backward:
             model(x, t, cond, mask).float().sum().backward()
         else:
