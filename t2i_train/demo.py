@@ -84,7 +84,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(num32=256, num48=128, steps1=12, steps2=6, val1=6, val2=3, per_tag=2, n_samples=1,
                     sample_steps=4, micro=4, log_every=2)
-    return dict(num32=6000, num48=1500, steps1=1500, steps2=150, val1=500, val2=75, per_tag=8, n_samples=4,
+    return dict(num32=6000, num48=1500, steps1=2000, steps2=150, val1=500, val2=75, per_tag=8, n_samples=4,
                 sample_steps=20, micro=16, log_every=25)
 
 
