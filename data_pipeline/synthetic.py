@@ -97,7 +97,7 @@ def make_scene(rng: random.Random, width: int, height: int, tag: str, mode: str 
     """A scene description (objects with boxes) and its caption(s); no pixels yet."""
     short = min(width, height)
     for _ in range(100):
-        side = rng.randint(max(6, short // 6), max(7, short // 3))
+        side = rng.randint(max(6, short // 4), max(7, int(short / 2.4)))
         bg = rng.choice(sorted(BACKGROUNDS))
         if tag in ("single_object", "colors"):
             shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
