@@ -21,7 +21,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -138,7 +137,6 @@ def load_generator(ckpt: Union[str, os.PathLike], *, device: Union[str, torch.de
     """
     from t2i_train.models.io import load_pretrained
     from t2i_train.engine.run_info import run_info_chi
-    from t2i_train.engine.text_adapter import build_text_encoder
     from t2i_train.text.encoders import load_text_encoder
 
     ckpt = Path(ckpt)
@@ -159,12 +157,10 @@ def load_generator(ckpt: Union[str, os.PathLike], *, device: Union[str, torch.de
             raise ValueError(f"{ckpt}: no {RUN_INFO_NAME} names the text encoder; pass --text-encoder "
                              "(a Gemma-2 local path or hub id, e.g. google/gemma-2-2b-it, or hash:DIM)")
         txt_len = int(model.config["txt_len"])
-        max_length = int(text_info.get("max_length", txt_len))
-        if name.startswith("hash"):
-            encoder = build_text_encoder(SimpleNamespace(encoder=name, max_length=max_length),
-                                         int(model.config["txt_dim"]), txt_len, device)
-        else:  # the instruction the run trained with (run_info.json), not a fixed default
-            encoder = load_text_encoder(name, max_length=max_length, chi_prompt=run_info_chi(text_info), device=device)
+        # the instruction the run trained with (run_info.json), not a fixed default
+        encoder = load_text_encoder(name, max_length=min(int(text_info.get("max_length", txt_len)), txt_len),
+                                    expected_dim=int(model.config["txt_dim"]), chi_prompt=run_info_chi(text_info),
+                                    device=device)
     return Generator(model, ckpt=str(ckpt), sha256=file_sha256(_weights_file(ckpt)), device=device, dtype=dtype,
                      text_encoder=encoder, text_encoder_name=name, run_info=run_info)
 
