@@ -538,6 +538,10 @@ class Trainer:
         self.pid_file.unlink(missing_ok=True)
         return {"status": status, "step": self.step, "losses": history}
 
+    def close(self) -> None:
+        """Release the backend (DeepSpeed's engine) once the run is over; the trainer is unusable afterwards."""
+        self.backend.close()
+
     def _log(self, out: dict, window: dict, buckets: torch.Tensor) -> None:
         elapsed = max(time.time() - window["t0"], 1e-9)
         buckets = d.all_reduce_sum(buckets)
@@ -742,6 +746,8 @@ def main(argv=None) -> int:
     if d.is_main():
         print(f"[t2i-train] {result['status']} at step {result['step']}", flush=True)
     d.barrier()
+    trainer.close()
+    del trainer
     d.shutdown()
     return 0
 

@@ -31,7 +31,10 @@ from t2i_train.config import load_config
 from t2i_train.train import Trainer
 from t2i_train.engine import dist
 for path in sys.argv[1:]:
-    Trainer(load_config(path)).fit()
+    trainer = Trainer(load_config(path))
+    trainer.fit()
+    trainer.close()  # as t2i-train's main does, before the next run and the shutdown
+    del trainer
 dist.barrier()
 dist.shutdown()
 """

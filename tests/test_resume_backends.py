@@ -26,7 +26,10 @@ from t2i_train.train import Trainer
 from t2i_train.engine import dist
 for item in sys.argv[1:]:
     path, steps = item.split("@")
-    Trainer(load_config(path, [f"run.max_steps={steps}"])).fit()
+    trainer = Trainer(load_config(path, [f"run.max_steps={steps}"]))
+    trainer.fit()
+    trainer.close()  # as t2i-train's main does, before the next run and the shutdown
+    del trainer
 dist.barrier()
 dist.shutdown()
 """

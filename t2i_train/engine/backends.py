@@ -107,6 +107,9 @@ class Backend:
         self.raw.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optim"])
 
+    def close(self) -> None:
+        """Release what the backend holds beyond Python references (nothing, except under DeepSpeed)."""
+
 
 class SingleBackend(Backend):
     name = "single"
@@ -283,6 +286,11 @@ class DeepSpeedBackend(Backend):
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+
+    def close(self) -> None:
+        # the engine's hooks, optimizer buffers and Python-GC hold, released while the process group still
+        # exists: left to interpreter exit, their teardown can race the communication threads
+        self.engine.destroy()
 
 
 def link_came_to_zero(came, zero_optimizer, stage: int) -> None:

@@ -130,5 +130,13 @@ def all_gather_object(obj) -> list:
 
 
 def shutdown() -> None:
+    """Destroy the process group after collecting garbage: engines and tensors that the communication backend's
+    threads still reference are freed while the group and the interpreter are fully alive (left to
+    interpreter exit, gloo's worker threads can abort the process: "terminate called without an active
+    exception")."""
+    import gc
+
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
