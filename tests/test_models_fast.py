@@ -135,16 +135,16 @@ def test_fused_pixel_path_gives_the_plain_gradients(arch, width, monkeypatch):
     inputs = _inputs(model, 2, 32, width, torch.float32, None)
     assert model.pixel_blocks[0].shift_fold_pays(2 * 4 * width // 8) == (width == 96)
     calls = []
-    for fn in (fused._PixelMLPResidual, fused._NormScale):
+    for fn in (fused._PixelMLPResidual, fused._NormScale, fused._NormLinear):
         monkeypatch.setattr(fn, "backward", staticmethod(
             lambda ctx, g, f=fn.backward, name=fn.__name__: calls.append(name) or f(ctx, g)))
     out0, g0 = _grads(model, inputs)
     # the fused path ran
-    assert sorted(calls) == sorted(["_NormScale", "_PixelMLPResidual"] * len(model.pixel_blocks))
-    for blk in model.pixel_blocks:
+    assert sorted(calls) == sorted(["_NormScale", "_PixelMLPResidual"] * len(model.pixel_blocks) + ["_NormLinear"])
+    for blk in [*model.pixel_blocks, model.final]:
         blk.fused = False
     out, g = _grads(model, inputs)
-    assert len(calls) == 2 * len(model.pixel_blocks)
+    assert len(calls) == 2 * len(model.pixel_blocks) + 1
     assert g0.abs().sum() > 0
     assert torch.allclose(out, out0, rtol=0, atol=1e-6)
     assert torch.allclose(g, g0, rtol=0, atol=1e-5)
@@ -164,7 +164,7 @@ def test_fused_pixel_path_under_bf16_autocast(width, monkeypatch):
     _, g32 = _grads(model, inputs)
 
     def bf16_grads(fused):
-        for blk in model.pixel_blocks:
+        for blk in [*model.pixel_blocks, model.final]:
             blk.fused = fused
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _grads(model, inputs)

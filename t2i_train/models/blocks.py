@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import chunk_major, fused_applies, norm_scale, pixel_mlp_residual
+from .fused import chunk_major, fused_applies, norm_linear, norm_scale, pixel_mlp_residual
 from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
 
 
@@ -172,10 +172,14 @@ class PiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    fused = True  # norm + linear in one chunked pass where models.fused applies
+
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
         self.norm = RMSNorm(dim)
         self.linear = nn.Linear(dim, out_channels)
 
     def forward(self, x):
+        if self.fused and fused_applies(x):
+            return norm_linear(x, self.norm, self.linear)
         return self.linear(self.norm(x))

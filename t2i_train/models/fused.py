@@ -173,6 +173,48 @@ class _PixelMLPResidual(torch.autograd.Function):
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 
 
+class _NormLinear(torch.autograd.Function):
+    """out = linear(rmsnorm(x)·w) for a narrow linear (the final layer: D_pix → 3 channels); the normalised
+    input is rounded to `cd` before the linear, as autocast does."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, weight, bias, eps):
+        D, cd = x.shape[-1], x.dtype
+        xf = x.reshape(-1, D)
+        N = xf.shape[0]
+        out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
+        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+        wt, bc = weight.to(cd).t(), bias.to(cd)
+        with torch.autocast(xf.device.type, enabled=False):
+            for i, j in _chunks(N):
+                n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
+                torch.addmm(bc, n.to(cd), wt, out=out[i:j])
+        ctx.save_for_backward(xf, rstd, norm_w, weight, bias)
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xf, rstd, norm_w, weight, bias = ctx.saved_tensors
+        D, cd = xf.shape[-1], xf.dtype
+        G = grad_out.reshape(-1, weight.shape[0])
+        N = xf.shape[0]
+        dx = torch.empty_like(xf)
+        f32 = dict(dtype=torch.float32, device=xf.device)
+        dnw, dw, db = torch.zeros(norm_w.shape, **f32), torch.zeros(weight.shape, **f32), torch.zeros(bias.shape, **f32)
+        wc = weight.to(cd)
+        with torch.autocast(xf.device.type, enabled=False):
+            for i, j in _chunks(N):
+                r, Gc = rstd[i:j], G[i:j]
+                xh = xf[i:j].float() * r
+                nb = xh.to(cd).float()
+                dw += torch.mm(Gc.t(), (nb * norm_w).to(cd)).float()
+                db += Gc.float().sum(0)
+                dx[i:j] = _norm_backward(xh, nb, r, torch.mm(Gc, wc).float(), norm_w, dnw, cd)
+        grads = (dx.view(ctx.shape), dnw.to(norm_w.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
+
+
 class _ChunkMajor(torch.autograd.Function):
     """The `pieces` row blocks of a weight viewed as [groups, pieces, rows, cols], each gathered into its own
     contiguous [groups·rows, cols] matrix in `dtype` (a cast to the autocast dtype happens in the same copy).
@@ -224,6 +266,11 @@ def fused_applies(x: torch.Tensor) -> bool:
 def norm_scale(x, scale, norm, shift=None):
     """norm(x) ⊙ scale (+ shift) for a PiT block's `norm` (RMSNorm), in x's dtype."""
     return _NormScale.apply(x, shift, scale, norm.weight, norm.eps)
+
+
+def norm_linear(x, norm, linear):
+    """linear(norm(x)) for an RMSNorm `norm` and a narrow nn.Linear `linear`, in x's dtype."""
+    return _NormLinear.apply(x, norm.weight, linear.weight, linear.bias, norm.eps)
 
 
 def pixel_mlp_residual(x, shift, scale, gate, norm, mlp, attn=None, gate1=None):
