@@ -19,8 +19,12 @@ float32.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as _ckpt
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode_temporarily
 
 # Pixel rows per chunk: the 4·D_pix-wide hidden activation of a chunk (4096 × 64 × 4 bytes) stays in a 1 MB L2
 # (one core, forward + backward of 262144 rows: 0.13 s in 4096-row chunks, 0.18 s in 1024, 0.15 s in 32768).
@@ -30,6 +34,20 @@ CHUNK_ROWS = 4096
 def _chunks(n: int):
     for i in range(0, n, CHUNK_ROWS):
         yield i, min(i + CHUNK_ROWS, n)
+
+
+_SAC_MODES = (_ckpt._CachingTorchDispatchMode, _ckpt._CachedTorchDispatchMode)
+
+
+def _opaque_to_selective_checkpointing():
+    """Run a fused forward's chunk loop outside selective checkpointing's dispatch mode when that mode is
+    innermost: every op inside is one the policy recomputes anyway (reductions of D_pix or 4·D_pix channels),
+    so nothing changes but the mode's per-op Python call on hundreds of small chunk ops (in the first forward
+    and again in the recomputation)."""
+    stack = _get_current_dispatch_mode_stack()
+    if stack and isinstance(stack[-1], _SAC_MODES):
+        return _pop_mode_temporarily()
+    return contextlib.nullcontext()
 
 
 def _norm_forward(xc, rstd_out, norm_w, eps, cd):
@@ -60,7 +78,7 @@ class _NormScale(torch.autograd.Function):
         N = xf.shape[0]
         u = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
-        with torch.autocast(xf.device.type, enabled=False):
+        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
             for i, j in _chunks(N):
                 n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
                 if sh is None:
@@ -112,7 +130,7 @@ class _PixelMLPResidual(torch.autograd.Function):
         m = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
-        with torch.autocast(xf.device.type, enabled=False):
+        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
             for i, j in _chunks(N):
                 yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j]) if h is not None else xf[i:j]
                 n = _norm_forward(yc, rstd[i:j], norm_w, eps, cd)
@@ -185,7 +203,7 @@ class _NormLinear(torch.autograd.Function):
         out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         wt, bc = weight.to(cd).t(), bias.to(cd)
-        with torch.autocast(xf.device.type, enabled=False):
+        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
             for i, j in _chunks(N):
                 n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
                 torch.addmm(bc, n.to(cd), wt, out=out[i:j])
