@@ -51,10 +51,11 @@ def _opaque_to_selective_checkpointing():
 
 
 def _norm_forward(xc, rstd_out, norm_w, eps, cd):
-    """rmsnorm(x)·w for a chunk, float32, with the normalised value rounded to `cd` as RMSNorm does."""
-    x32 = xc.float()
-    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps), out=rstd_out)
-    return (x32 * r).to(cd).float().mul_(norm_w)
+    """rmsnorm(x)·w for a chunk, float32, with the normalised value rounded to `cd` as RMSNorm does (one fused
+    kernel: statistics in float32, x·rstd rounded to x's dtype); the chunk's rstd goes to rstd_out."""
+    xh, r = torch.ops.aten._fused_rms_norm(xc, [xc.shape[-1]], None, eps)
+    rstd_out.copy_(r)
+    return xh.to(cd).float().mul_(norm_w)
 
 
 def _norm_backward(xh, nb, r, dn, norm_w, dnw, cd):
