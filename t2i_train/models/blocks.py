@@ -105,6 +105,9 @@ class PiTBlock(nn.Module):
     rounding order). It is taken when it executes fewer FLOPs (training batches; not small sampling batches)
     and when `fold_shift` is on; FLOP counts of the nominal architecture switch it off
     (`PixelDiT.nominal_flops`).
+
+    Where models.fused applies (eager CPU, `fused` on), norm1 ⊙ scale1 (+ shift1) and the gated attention
+    residual + pixel MLP run as chunked fused ops with hand-written backwards; elsewhere, op by op.
     """
 
     fold_shift = True

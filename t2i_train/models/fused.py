@@ -3,6 +3,7 @@
     u   = rmsnorm₁(x)·w₁ ⊙ scale₁ [+ shift₁]                             (input of the compaction linear)
     out = y + gate₂ ⊙ fc2(gelu(fc1(rmsnorm₂(y)·w₂ ⊙ scale₂ + shift₂))),   y = x + gate₁ ⊙ h
                                                                           (h: the expanded attention output)
+    v   = linear(rmsnorm(x)·w)                                            (the final layer, D_pix → 3)
 per pixel token, D_pix channels. Done op by op, these run a few dozen passes over [B·L·p², D_pix] and
 [B·L·p², 4·D_pix] tensors in main memory (under bf16 autocast, casts to and from float32 besides), and the
 MLP's matmuls contract only D_pix = 16 channels, so the work is bound by memory traffic, not arithmetic.
