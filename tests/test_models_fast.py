@@ -120,33 +120,39 @@ def test_shift_fold_only_where_it_saves_flops():
     assert executed < nominal
 
 
-@pytest.mark.parametrize("arch", ["t2i", "c2i"])
-def test_fused_pixel_mlp_gives_the_plain_gradients(arch, monkeypatch):
-    """Fused pixel MLP sub-block (models.fused, hand-written chunked backward): outputs equal and every gradient
-    within 1e-5 of the op-by-op path (fp32; chunked parameter-gradient sums change only the summation order).
-    Small chunks, one of them partial, so the chunk loop really runs."""
+@pytest.mark.parametrize("arch,width", [("t2i", 48), ("c2i", 48), ("t2i", 96)])
+def test_fused_pixel_path_gives_the_plain_gradients(arch, width, monkeypatch):
+    """Fused per-pixel sub-blocks (models.fused, hand-written chunked backwards: norm ⊙ scale (+ shift) before
+    the compaction, gated attention residual + pixel MLP after it): outputs equal and every gradient within
+    1e-5 of the op-by-op path (fp32; chunked parameter-gradient sums change only the summation order). Small
+    chunks, one of them partial, so the chunk loops really run; 32×48 takes the plain path before the
+    compaction, 32×96 the shift fold."""
     import t2i_train.models.fused as fused
 
     monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)  # 2·(32/8)·(48/8)·64 = 3072 pixel rows: 4 chunks
     model = _tiny(arch)
     torch.manual_seed(1)
-    inputs = _inputs(model, 2, 32, 48, torch.float32, None)
+    inputs = _inputs(model, 2, 32, width, torch.float32, None)
+    assert model.pixel_blocks[0].shift_fold_pays(2 * 4 * width // 8) == (width == 96)
     calls = []
-    monkeypatch.setattr(fused._PixelMLPResidual, "backward",
-                        staticmethod(lambda ctx, g, f=fused._PixelMLPResidual.backward: calls.append(1) or f(ctx, g)))
+    for fn in (fused._PixelMLPResidual, fused._NormScale, fused._NormLinear):
+        monkeypatch.setattr(fn, "backward", staticmethod(
+            lambda ctx, g, f=fn.backward, name=fn.__name__: calls.append(name) or f(ctx, g)))
     out0, g0 = _grads(model, inputs)
-    assert calls  # the fused path ran
-    for blk in model.pixel_blocks:
-        blk.fused_mlp = False
+    # the fused path ran
+    assert sorted(calls) == sorted(["_NormScale", "_PixelMLPResidual"] * len(model.pixel_blocks) + ["_NormLinear"])
+    for blk in [*model.pixel_blocks, model.final]:
+        blk.fused = False
     out, g = _grads(model, inputs)
-    assert len(calls) == 1
+    assert len(calls) == 2 * len(model.pixel_blocks) + 1
     assert g0.abs().sum() > 0
     assert torch.allclose(out, out0, rtol=0, atol=1e-6)
     assert torch.allclose(g, g0, rtol=0, atol=1e-5)
 
 
-def test_fused_pixel_mlp_under_bf16_autocast(monkeypatch):
-    """Under bf16 autocast the fused sub-block rounds where the op-by-op path does: the output is the same
+@pytest.mark.parametrize("width", [48, 96])
+def test_fused_pixel_path_under_bf16_autocast(width, monkeypatch):
+    """Under bf16 autocast the fused sub-blocks round where the op-by-op path does: the output is the same
     and the gradients are as close to the float32 gradients as the op-by-op path's (within 1.25× its
     relative error + 1e-3)."""
     import t2i_train.models.fused as fused
@@ -154,12 +160,12 @@ def test_fused_pixel_mlp_under_bf16_autocast(monkeypatch):
     monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)
     model = _tiny("t2i")
     torch.manual_seed(1)
-    inputs = _inputs(model, 2, 32, 48, torch.float32, None)
+    inputs = _inputs(model, 2, 32, width, torch.float32, None)
     _, g32 = _grads(model, inputs)
 
-    def bf16_grads(fused_mlp):
-        for blk in model.pixel_blocks:
-            blk.fused_mlp = fused_mlp
+    def bf16_grads(fused):
+        for blk in [*model.pixel_blocks, model.final]:
+            blk.fused = fused
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _grads(model, inputs)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import fused_mlp_applies, pixel_mlp_residual
+from .fused import chunk_major, fused_applies, norm_linear, norm_scale, pixel_mlp_residual
 from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
 
 
@@ -105,10 +105,13 @@ class PiTBlock(nn.Module):
     rounding order). It is taken when it executes fewer FLOPs (training batches; not small sampling batches)
     and when `fold_shift` is on; FLOP counts of the nominal architecture switch it off
     (`PixelDiT.nominal_flops`).
+
+    Where models.fused applies (eager CPU, `fused` on), norm1 ⊙ scale1 (+ shift1) and the gated attention
+    residual + pixel MLP run as chunked fused ops with hand-written backwards; elsewhere, op by op.
     """
 
     fold_shift = True
-    fused_mlp = True  # the pixel MLP sub-block through models.fused where it applies (eager float32)
+    fused = True  # per-pixel sub-blocks through models.fused where it applies (eager CPU, float32 or bf16)
 
     def __init__(self, pixel_dim: int, cond_dim: int, patch: int, attn_dim: int, attn_heads: int,
                  mlp_ratio: float = 4.0):
@@ -129,10 +132,13 @@ class PiTBlock(nn.Module):
         """Φ's weight [p²·6·D_pix, D] and bias regrouped as six [p²·D_pix, D] / [p²·D_pix] pieces:
         shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2."""
         P2, D = self.patch * self.patch, self.pixel_dim
-        w = self.modulation.weight.view(P2, 6, D, -1).transpose(0, 1).reshape(6, P2 * D, -1)
+        if torch.compiler.is_compiling():
+            w = self.modulation.weight.view(P2, 6, D, -1).transpose(0, 1).reshape(6, P2 * D, -1).unbind(0)
+        else:  # one gathering copy per piece, cast to the autocast dtype on the way, one copy back in backward
+            w = chunk_major(self.modulation.weight, P2, 6)
         b = self.modulation.bias.view(P2, 6, D).transpose(0, 1).reshape(6, P2 * D)
         b = b + b.new_tensor([0, 1, 0, 0, 1, 0])[:, None]
-        return w.unbind(0), b.unbind(0)
+        return w, b.unbind(0)
 
     def shift_fold_pays(self, tokens: int) -> bool:
         """Whether folding shift1 into the compaction executes fewer FLOPs for `tokens` = B·L patch tokens:
@@ -148,27 +154,35 @@ class PiTBlock(nn.Module):
         def modulation(k):
             return F.linear(s_cond, w[k], b[k]).view(BL, P2, D)
 
+        fused = self.fused and fused_applies(x)
         if self.fold_shift and self.shift_fold_pays(BL):
             wc = self.compact.weight
             shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
-            h = (self.norm1(x) * modulation(1)).view(BL, P2 * D)
-            h = torch.addmm(shift_term, h, wc.t()).view(batch, BL // batch, -1)
+            h = norm_scale(x, modulation(1), self.norm1) if fused else self.norm1(x) * modulation(1)
+            h = torch.addmm(shift_term, h.view(BL, P2 * D), wc.t()).view(batch, BL // batch, -1)
         else:
-            h = torch.addcmul(modulation(0), self.norm1(x), modulation(1))
+            shift1 = modulation(0)
+            h = norm_scale(x, modulation(1), self.norm1, shift1) if fused \
+                else torch.addcmul(shift1, self.norm1(x), modulation(1))
             h = self.compact(h.reshape(batch, BL // batch, P2 * D))
         h = self.expand(self.attn(h, rope)).view(BL, P2, D)
+        if fused:  # x + gate1 ⊙ h and the pixel MLP sub-block in one pass
+            return pixel_mlp_residual(x, modulation(3), modulation(4), modulation(5), self.norm2, self.mlp,
+                                      attn=h, gate1=modulation(2))
         x = torch.addcmul(x, modulation(2), h)
-        if self.fused_mlp and fused_mlp_applies(x):
-            return pixel_mlp_residual(x, modulation(3), modulation(4), modulation(5), self.norm2, self.mlp)
         h = torch.addcmul(modulation(3), self.norm2(x), modulation(4))
         return torch.addcmul(x, modulation(5), self.mlp(h))
 
 
 class FinalLayer(nn.Module):
+    fused = True  # norm + linear in one chunked pass where models.fused applies
+
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
         self.norm = RMSNorm(dim)
         self.linear = nn.Linear(dim, out_channels)
 
     def forward(self, x):
+        if self.fused and fused_applies(x):
+            return norm_linear(x, self.norm, self.linear)
         return self.linear(self.norm(x))

@@ -1,102 +1,278 @@
-"""Fused pixel-level MLP sub-block of the PiT block, with a hand-written backward.
+"""Fused per-pixel sub-blocks of the PiT block, chunked, with hand-written backwards.
 
-    out = x + gate ⊙ fc2(gelu(fc1(rmsnorm(x)·w ⊙ scale + shift)))      per pixel token, D_pix channels
+    u   = rmsnorm₁(x)·w₁ ⊙ scale₁ [+ shift₁]                             (input of the compaction linear)
+    out = y + gate₂ ⊙ fc2(gelu(fc1(rmsnorm₂(y)·w₂ ⊙ scale₂ + shift₂))),   y = x + gate₁ ⊙ h
+                                                                          (h: the expanded attention output)
+    v   = linear(rmsnorm(x)·w)                                            (the final layer, D_pix → 3)
+per pixel token, D_pix channels. Done op by op, these run a few dozen passes over [B·L·p², D_pix] and
+[B·L·p², 4·D_pix] tensors in main memory (under bf16 autocast, casts to and from float32 besides), and the
+MLP's matmuls contract only D_pix = 16 channels, so the work is bound by memory traffic, not arithmetic.
+Here the pixel rows are processed in chunks that stay in the CPU's cache. Backward recomputes a chunk's MLP
+(cheap: 2·D_pix·4·D_pix multiply-adds per pixel) instead of saving its 4·D_pix-wide hidden activations, and
+the normalised values from x and one RMS statistic per pixel.
 
-Done op by op, this runs a dozen passes over [B·L·p², 4·D_pix] and [B·L·p², D_pix] tensors in main memory,
-and its matmuls contract only D_pix = 16 channels, so it is bound by memory traffic, not arithmetic. Here the
-pixel rows are processed in chunks that stay in the CPU's cache; backward recomputes the chunk's MLP (cheap:
-2·D_pix·4·D_pix multiply-adds per pixel) instead of saving the 4·D_pix-wide hidden activations, so it keeps
-only x, scale, gate, the MLP input and one RMS statistic per pixel.
-
-Same mathematics as the op-by-op path (models.blocks.PiTBlock with `fused_mlp` off); only the order of float
+Same mathematics as the op-by-op path (models.blocks.PiTBlock with `fused` off); only the order of float
 sums differs (the parameter-gradient reductions run chunk by chunk). CPU only, float32 or bfloat16 autocast
-(fused_mlp_applies); in bfloat16 the rounding points are those of the op-by-op path under autocast.
+(fused_applies); in bfloat16 the rounding points are those of the op-by-op path under autocast: the RMS
+statistics and the modulated values run in float32, the normalised value, the modulated value and every
+activation are rounded to bfloat16 where the op-by-op path rounds them; parameter gradients accumulate in
+float32.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as _ckpt
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode_temporarily
 
 # Pixel rows per chunk: the 4·D_pix-wide hidden activation of a chunk (4096 × 64 × 4 bytes) stays in a 1 MB L2
 # (one core, forward + backward of 262144 rows: 0.13 s in 4096-row chunks, 0.18 s in 1024, 0.15 s in 32768).
 CHUNK_ROWS = 4096
 
 
-class _PixelMLPResidual(torch.autograd.Function):
-    """Activations x, shift, scale, gate in the compute dtype `cd` (float32, or bfloat16 under autocast);
-    parameters in float32. Rounding points follow the op-by-op path under autocast: the RMS statistics and
-    the modulated input run in float32, the normalised value and the MLP input are rounded to `cd`, the
-    matmuls and GELU run in `cd`; parameter gradients accumulate in float32."""
+def _chunks(n: int):
+    for i in range(0, n, CHUNK_ROWS):
+        yield i, min(i + CHUNK_ROWS, n)
+
+
+_SAC_MODES = (_ckpt._CachingTorchDispatchMode, _ckpt._CachedTorchDispatchMode)
+
+
+def _opaque_to_selective_checkpointing():
+    """Run a fused forward's chunk loop outside selective checkpointing's dispatch mode when that mode is
+    innermost: every op inside is one the policy recomputes anyway (reductions of D_pix or 4·D_pix channels),
+    so nothing changes but the mode's per-op Python call on hundreds of small chunk ops (in the first forward
+    and again in the recomputation)."""
+    stack = _get_current_dispatch_mode_stack()
+    if stack and isinstance(stack[-1], _SAC_MODES):
+        return _pop_mode_temporarily()
+    return contextlib.nullcontext()
+
+
+def _norm_forward(xc, rstd_out, norm_w, eps, cd):
+    """rmsnorm(x)·w for a chunk, float32, with the normalised value rounded to `cd` as RMSNorm does (one fused
+    kernel: statistics in float32, x·rstd rounded to x's dtype); the chunk's rstd goes to rstd_out."""
+    xh, r = torch.ops.aten._fused_rms_norm(xc, [xc.shape[-1]], None, eps)
+    rstd_out.copy_(r)
+    return xh.to(cd).float().mul_(norm_w)
+
+
+def _norm_backward(xh, nb, r, dn, norm_w, dnw, cd):
+    """Gradient of rmsnorm(x)·w for a chunk given x·rstd (xh, float32), its rounded value nb and dn (float32,
+    w.r.t. the output): returns d x (float32) and accumulates d w into dnw."""
+    dnw += (dn * nb).sum(0)
+    dxh = (dn * norm_w).to(cd).float()
+    proj = (dxh * xh).mean(-1, keepdim=True)
+    return (dxh - xh * proj).mul_(r)
+
+
+class _NormScale(torch.autograd.Function):
+    """u = rmsnorm(x)·w ⊙ scale (+ shift) (activations in the compute dtype `cd`, u in `cd`, parameters
+    float32)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, gate, norm_w, w1, b1, w2, b2, eps):
+    def forward(ctx, x, shift, scale, norm_w, eps):
+        shape, D, cd = x.shape, x.shape[-1], x.dtype
+        xf, sc = x.reshape(-1, D), scale.reshape(-1, D)
+        sh = shift.reshape(-1, D) if shift is not None else None
+        N = xf.shape[0]
+        u = torch.empty_like(xf)
+        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
+            for i, j in _chunks(N):
+                n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
+                if sh is None:
+                    torch.mul(n, sc[i:j], out=u[i:j])
+                else:
+                    torch.addcmul(sh[i:j].float(), n, sc[i:j], out=u[i:j])
+        ctx.save_for_backward(xf, sc, rstd, norm_w)
+        ctx.shape = shape
+        return u.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        xf, sc, rstd, norm_w = ctx.saved_tensors
+        D, cd = xf.shape[-1], xf.dtype
+        G = grad_u.reshape(-1, D)
+        N = xf.shape[0]
+        dx = torch.empty_like(xf)
+        dscale = torch.empty_like(xf)
+        dnw = torch.zeros(norm_w.shape, dtype=torch.float32, device=xf.device)
+        with torch.autocast(xf.device.type, enabled=False):
+            for i, j in _chunks(N):
+                r, Gc = rstd[i:j], G[i:j].float()
+                xh = xf[i:j].float() * r
+                nb = xh.to(cd).float()
+                torch.mul(Gc, nb * norm_w, out=dscale[i:j])
+                dx[i:j] = _norm_backward(xh, nb, r, Gc * sc[i:j], norm_w, dnw, cd)
+        shape = ctx.shape
+        grads = (dx.view(shape), grad_u.to(cd).view(shape), dscale.view(shape), dnw.to(norm_w.dtype), None)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
+
+
+class _PixelMLPResidual(torch.autograd.Function):
+    """y = x + gate₁ ⊙ h (when h is given), out = y + gate ⊙ mlp(rmsnorm(y)·w ⊙ scale + shift).
+
+    Activations x, h, gate₁, shift, scale, gate in the compute dtype `cd` (float32, or bfloat16 under
+    autocast); parameters in float32. The MLP input and the matmuls and GELU run in `cd`."""
+
+    @staticmethod
+    def forward(ctx, x, h, gate1, shift, scale, gate, norm_w, w1, b1, w2, b2, eps):
         shape, D, cd = x.shape, x.shape[-1], x.dtype
         xf, sh, sc, gt = (t.reshape(-1, D) for t in (x, shift, scale, gate))
         N = xf.shape[0]
+        if h is not None:
+            hf, g1 = h.reshape(-1, D), gate1.reshape(-1, D)
+            y = torch.empty_like(xf)
+        else:
+            y = xf
         out = torch.empty_like(xf)
-        h = torch.empty_like(xf)
+        m = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
-        with torch.autocast(xf.device.type, enabled=False):
-            for i in range(0, N, CHUNK_ROWS):
-                j = min(i + CHUNK_ROWS, N)
-                xc = xf[i:j]
-                x32 = xc.float()
-                r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps), out=rstd[i:j])
-                n = (x32 * r).to(cd).float().mul_(norm_w)
-                h[i:j] = torch.addcmul(sh[i:j].float(), n, sc[i:j].float())
-                a = F.gelu(torch.addmm(b1c, h[i:j], w1t))
-                torch.addcmul(xc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
-        ctx.save_for_backward(xf, sc, gt, h, rstd, norm_w, w1, b1, w2, b2)
-        ctx.shape = shape
+        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
+            for i, j in _chunks(N):
+                yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j]) if h is not None else xf[i:j]
+                n = _norm_forward(yc, rstd[i:j], norm_w, eps, cd)
+                mc = torch.addcmul(sh[i:j].float(), n, sc[i:j].float(), out=m[i:j])
+                a = F.gelu(torch.addmm(b1c, mc, w1t))
+                torch.addcmul(yc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
+        if h is not None:
+            ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
+        else:
+            ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2)
+        ctx.shape, ctx.attn = shape, h is not None
         return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xf, sc, gt, h, rstd, norm_w, w1, b1, w2, b2 = ctx.saved_tensors
-        D, cd = xf.shape[-1], xf.dtype
+        y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, *attn = ctx.saved_tensors
+        D, cd = y.shape[-1], y.dtype
         G = grad_out.reshape(-1, D)
-        N = xf.shape[0]
-        need = ctx.needs_input_grad
-        dx = torch.empty_like(xf)
-        dshift = torch.empty_like(xf)
-        dscale = torch.empty_like(xf)
-        dgate = torch.empty_like(xf)
-        f32 = dict(dtype=torch.float32, device=xf.device)
+        N = y.shape[0]
+        dy = torch.empty_like(y)
+        dshift = torch.empty_like(y)
+        dscale = torch.empty_like(y)
+        dgate = torch.empty_like(y)
+        if ctx.attn:
+            hf, g1 = attn
+            dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
+        f32 = dict(dtype=torch.float32, device=y.device)
         dnw = torch.zeros(norm_w.shape, **f32)
         dw1, db1 = torch.zeros(w1.shape, **f32), torch.zeros(b1.shape, **f32)
         dw2, db2 = torch.zeros(w2.shape, **f32), torch.zeros(b2.shape, **f32)
         w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
         w1t, w2t = w1c.t(), w2c.t()
-        with torch.autocast(xf.device.type, enabled=False):
-            for i in range(0, N, CHUNK_ROWS):
-                j = min(i + CHUNK_ROWS, N)
-                xc, r, hc, Gc = xf[i:j], rstd[i:j], h[i:j], G[i:j]
-                pre = torch.addmm(b1c, hc, w1t)
+        with torch.autocast(y.device.type, enabled=False):
+            for i, j in _chunks(N):
+                yc, r, mc, Gc = y[i:j], rstd[i:j], m[i:j], G[i:j]
+                pre = torch.addmm(b1c, mc, w1t)
                 act = F.gelu(pre)
                 torch.mul(Gc, torch.addmm(b2c, act, w2t), out=dgate[i:j])
-                dm = Gc * gt[i:j]
-                dw2 += torch.mm(dm.t(), act).float()
-                db2 += dm.float().sum(0)
-                da = torch.ops.aten.gelu_backward(torch.mm(dm, w2c), pre)
-                dw1 += torch.mm(da.t(), hc).float()
+                dmlp = Gc * gt[i:j]
+                dw2 += torch.mm(dmlp.t(), act).float()
+                db2 += dmlp.float().sum(0)
+                da = torch.ops.aten.gelu_backward(torch.mm(dmlp, w2c), pre)
+                dw1 += torch.mm(da.t(), mc).float()
                 db1 += da.float().sum(0)
-                dh = torch.mm(da, w1c, out=dshift[i:j]).float()
-                xh = xc.float() * r
+                dm = torch.mm(da, w1c, out=dshift[i:j]).float()
+                xh = yc.float() * r
                 nb = xh.to(cd).float()
-                dscale[i:j] = dh * nb * norm_w
-                dn = dh * sc[i:j].float()
-                dnw += (dn * nb).sum(0)
-                dxh = (dn * norm_w).to(cd).float()
-                proj = (dxh * xh).mean(-1, keepdim=True)
-                dx[i:j] = torch.addcmul(Gc.float(), dxh - xh * proj, r)
+                torch.mul(dm * nb, norm_w, out=dscale[i:j])
+                dyc = torch.add(Gc.float(), _norm_backward(xh, nb, r, dm * sc[i:j].float(), norm_w, dnw, cd),
+                                out=dy[i:j])
+                if ctx.attn:
+                    torch.mul(dyc, hf[i:j], out=dgate1[i:j])
+                    torch.mul(dyc, g1[i:j], out=dh[i:j])
         shape = ctx.shape
-        grads = [dx.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
+        dh, dgate1 = (dh.view(shape), dgate1.view(shape)) if ctx.attn else (None, None)
+        grads = [dy.view(shape), dh, dgate1, dshift.view(shape), dscale.view(shape), dgate.view(shape),
                  dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None]
-        return tuple(g if n else None for g, n in zip(grads, need))
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 
 
-def fused_mlp_applies(x: torch.Tensor) -> bool:
+class _NormLinear(torch.autograd.Function):
+    """out = linear(rmsnorm(x)·w) for a narrow linear (the final layer: D_pix → 3 channels); the normalised
+    input is rounded to `cd` before the linear, as autocast does."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, weight, bias, eps):
+        D, cd = x.shape[-1], x.dtype
+        xf = x.reshape(-1, D)
+        N = xf.shape[0]
+        out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
+        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+        wt, bc = weight.to(cd).t(), bias.to(cd)
+        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
+            for i, j in _chunks(N):
+                n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
+                torch.addmm(bc, n.to(cd), wt, out=out[i:j])
+        ctx.save_for_backward(xf, rstd, norm_w, weight, bias)
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xf, rstd, norm_w, weight, bias = ctx.saved_tensors
+        D, cd = xf.shape[-1], xf.dtype
+        G = grad_out.reshape(-1, weight.shape[0])
+        N = xf.shape[0]
+        dx = torch.empty_like(xf)
+        f32 = dict(dtype=torch.float32, device=xf.device)
+        dnw, dw, db = torch.zeros(norm_w.shape, **f32), torch.zeros(weight.shape, **f32), torch.zeros(bias.shape, **f32)
+        wc = weight.to(cd)
+        with torch.autocast(xf.device.type, enabled=False):
+            for i, j in _chunks(N):
+                r, Gc = rstd[i:j], G[i:j]
+                xh = xf[i:j].float() * r
+                nb = xh.to(cd).float()
+                dw += torch.mm(Gc.t(), (nb * norm_w).to(cd)).float()
+                db += Gc.float().sum(0)
+                dx[i:j] = _norm_backward(xh, nb, r, torch.mm(Gc, wc).float(), norm_w, dnw, cd)
+        grads = (dx.view(ctx.shape), dnw.to(norm_w.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
+
+
+class _ChunkMajor(torch.autograd.Function):
+    """The `pieces` row blocks of a weight viewed as [groups, pieces, rows, cols], each gathered into its own
+    contiguous [groups·rows, cols] matrix in `dtype` (a cast to the autocast dtype happens in the same copy).
+    Backward writes each piece's gradient straight into its place in the weight's gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, groups, pieces, dtype):
+        wv = weight.view(groups, pieces, -1, weight.shape[-1])
+        ctx.shape, ctx.groups, ctx.pieces = weight.shape, groups, pieces
+        ctx.like = dict(dtype=weight.dtype, device=weight.device)
+        out = []
+        for k in range(pieces):
+            w = torch.empty(wv[:, k].shape, dtype=dtype, device=weight.device)
+            out.append(w.copy_(wv[:, k]).view(-1, weight.shape[-1]))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.empty(ctx.shape, **ctx.like)
+        gv = g.view(ctx.groups, ctx.pieces, -1, ctx.shape[-1])
+        for k, gk in enumerate(grads):
+            if gk is None:
+                gv[:, k].zero_()
+            else:
+                gv[:, k].copy_(gk.view(ctx.groups, -1, ctx.shape[-1]))
+        return g, None, None, None
+
+
+def chunk_major(weight, groups: int, pieces: int):
+    """The row blocks k of `weight` viewed as [groups, pieces, rows, cols] as `pieces` contiguous matrices
+    [groups·rows, cols], already in the autocast dtype where autocast is on (see _ChunkMajor)."""
+    dev = weight.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else weight.dtype
+    return _ChunkMajor.apply(weight, groups, pieces, dtype)
+
+
+def fused_applies(x: torch.Tensor) -> bool:
     """The fused path runs eagerly on CPU for float32 activations without autocast or bfloat16 activations
     under bfloat16 autocast. Its chunks are sized for a CPU cache; on GPUs, and under torch.compile
     (inductor fuses the op-by-op path itself), the op-by-op path runs."""
@@ -107,7 +283,18 @@ def fused_mlp_applies(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32
 
 
-def pixel_mlp_residual(x, shift, scale, gate, norm, mlp):
-    """x + gate ⊙ mlp(norm(x) ⊙ scale + shift) for a PiT block's `norm` (RMSNorm) and `mlp` (GeluMLP)."""
-    return _PixelMLPResidual.apply(x, shift, scale, gate, norm.weight, mlp.fc1.weight, mlp.fc1.bias,
-                                   mlp.fc2.weight, mlp.fc2.bias, norm.eps)
+def norm_scale(x, scale, norm, shift=None):
+    """norm(x) ⊙ scale (+ shift) for a PiT block's `norm` (RMSNorm), in x's dtype."""
+    return _NormScale.apply(x, shift, scale, norm.weight, norm.eps)
+
+
+def norm_linear(x, norm, linear):
+    """linear(norm(x)) for an RMSNorm `norm` and a narrow nn.Linear `linear`, in x's dtype."""
+    return _NormLinear.apply(x, norm.weight, linear.weight, linear.bias, norm.eps)
+
+
+def pixel_mlp_residual(x, shift, scale, gate, norm, mlp, attn=None, gate1=None):
+    """y + gate ⊙ mlp(norm(y) ⊙ scale + shift) for a PiT block's `norm` (RMSNorm) and `mlp` (GeluMLP), where
+    y = x + gate1 ⊙ attn when `attn` is given, else y = x."""
+    return _PixelMLPResidual.apply(x, attn, gate1, shift, scale, gate, norm.weight, mlp.fc1.weight,
+                                   mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps)
