@@ -59,6 +59,12 @@ def _norm_forward(xc, rstd_out, norm_w, eps, cd):
     return xh.to(cd).float().mul_(norm_w)
 
 
+def _normalized(xc, r, cd):
+    """x·rstd of a chunk in float32 (xh) and its value rounded to `cd` as the forward used it (nb)."""
+    xh = xc.float() * r
+    return xh, xh.to(cd).float()
+
+
 def _norm_backward(xh, nb, r, dn, norm_w, dnw, cd):
     """Gradient of rmsnorm(x)·w for a chunk given x·rstd (xh, float32), its rounded value nb and dn (float32,
     w.r.t. the output): returns d x (float32) and accumulates d w into dnw."""
@@ -103,8 +109,7 @@ class _NormScale(torch.autograd.Function):
         with torch.autocast(xf.device.type, enabled=False):
             for i, j in _chunks(N):
                 r, Gc = rstd[i:j], G[i:j].float()
-                xh = xf[i:j].float() * r
-                nb = xh.to(cd).float()
+                xh, nb = _normalized(xf[i:j], r, cd)
                 torch.mul(Gc, nb * norm_w, out=dscale[i:j])
                 dx[i:j] = _norm_backward(xh, nb, r, Gc * sc[i:j], norm_w, dnw, cd)
         shape = ctx.shape
@@ -113,7 +118,7 @@ class _NormScale(torch.autograd.Function):
 
 
 class _PixelMLPResidual(torch.autograd.Function):
-    """y = x + gate₁ ⊙ h (when h is given), out = y + gate ⊙ mlp(rmsnorm(y)·w ⊙ scale + shift).
+    """y = x + gate₁ ⊙ h, out = y + gate ⊙ mlp(rmsnorm(y)·w ⊙ scale + shift).
 
     Activations x, h, gate₁, shift, scale, gate in the compute dtype `cd` (float32, or bfloat16 under
     autocast); parameters in float32. The MLP input and the matmuls and GELU run in `cd`."""
@@ -121,34 +126,27 @@ class _PixelMLPResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, gate1, shift, scale, gate, norm_w, w1, b1, w2, b2, eps):
         shape, D, cd = x.shape, x.shape[-1], x.dtype
-        xf, sh, sc, gt = (t.reshape(-1, D) for t in (x, shift, scale, gate))
+        xf, hf, g1, sh, sc, gt = (t.reshape(-1, D) for t in (x, h, gate1, shift, scale, gate))
         N = xf.shape[0]
-        if h is not None:
-            hf, g1 = h.reshape(-1, D), gate1.reshape(-1, D)
-            y = torch.empty_like(xf)
-        else:
-            y = xf
+        y = torch.empty_like(xf)
         out = torch.empty_like(xf)
         m = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
             for i, j in _chunks(N):
-                yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j]) if h is not None else xf[i:j]
+                yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j])
                 n = _norm_forward(yc, rstd[i:j], norm_w, eps, cd)
                 mc = torch.addcmul(sh[i:j].float(), n, sc[i:j].float(), out=m[i:j])
                 a = F.gelu(torch.addmm(b1c, mc, w1t))
                 torch.addcmul(yc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
-        if h is not None:
-            ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
-        else:
-            ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2)
-        ctx.shape, ctx.attn = shape, h is not None
+        ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
+        ctx.shape = shape
         return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, *attn = ctx.saved_tensors
+        y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1 = ctx.saved_tensors
         D, cd = y.shape[-1], y.dtype
         G = grad_out.reshape(-1, D)
         N = y.shape[0]
@@ -156,9 +154,7 @@ class _PixelMLPResidual(torch.autograd.Function):
         dshift = torch.empty_like(y)
         dscale = torch.empty_like(y)
         dgate = torch.empty_like(y)
-        if ctx.attn:
-            hf, g1 = attn
-            dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
+        dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
         f32 = dict(dtype=torch.float32, device=y.device)
         dnw = torch.zeros(norm_w.shape, **f32)
         dw1, db1 = torch.zeros(w1.shape, **f32), torch.zeros(b1.shape, **f32)
@@ -178,17 +174,14 @@ class _PixelMLPResidual(torch.autograd.Function):
                 dw1 += torch.mm(da.t(), mc).float()
                 db1 += da.float().sum(0)
                 dm = torch.mm(da, w1c, out=dshift[i:j]).float()
-                xh = yc.float() * r
-                nb = xh.to(cd).float()
+                xh, nb = _normalized(yc, r, cd)
                 torch.mul(dm * nb, norm_w, out=dscale[i:j])
                 dyc = torch.add(Gc.float(), _norm_backward(xh, nb, r, dm * sc[i:j].float(), norm_w, dnw, cd),
                                 out=dy[i:j])
-                if ctx.attn:
-                    torch.mul(dyc, hf[i:j], out=dgate1[i:j])
-                    torch.mul(dyc, g1[i:j], out=dh[i:j])
+                torch.mul(dyc, hf[i:j], out=dgate1[i:j])
+                torch.mul(dyc, g1[i:j], out=dh[i:j])
         shape = ctx.shape
-        dh, dgate1 = (dh.view(shape), dgate1.view(shape)) if ctx.attn else (None, None)
-        grads = [dy.view(shape), dh, dgate1, dshift.view(shape), dscale.view(shape), dgate.view(shape),
+        grads = [dy.view(shape), dh.view(shape), dgate1.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
                  dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None]
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 
@@ -226,8 +219,7 @@ class _NormLinear(torch.autograd.Function):
         with torch.autocast(xf.device.type, enabled=False):
             for i, j in _chunks(N):
                 r, Gc = rstd[i:j], G[i:j]
-                xh = xf[i:j].float() * r
-                nb = xh.to(cd).float()
+                xh, nb = _normalized(xf[i:j], r, cd)
                 dw += torch.mm(Gc.t(), (nb * norm_w).to(cd)).float()
                 db += Gc.float().sum(0)
                 dx[i:j] = _norm_backward(xh, nb, r, torch.mm(Gc, wc).float(), norm_w, dnw, cd)
@@ -293,8 +285,8 @@ def norm_linear(x, norm, linear):
     return _NormLinear.apply(x, norm.weight, linear.weight, linear.bias, norm.eps)
 
 
-def pixel_mlp_residual(x, shift, scale, gate, norm, mlp, attn=None, gate1=None):
+def pixel_mlp_residual(x, shift, scale, gate, norm, mlp, attn, gate1):
     """y + gate ⊙ mlp(norm(y) ⊙ scale + shift) for a PiT block's `norm` (RMSNorm) and `mlp` (GeluMLP), where
-    y = x + gate1 ⊙ attn when `attn` is given, else y = x."""
+    y = x + gate1 ⊙ attn (the gated attention residual)."""
     return _PixelMLPResidual.apply(x, attn, gate1, shift, scale, gate, norm.weight, mlp.fc1.weight,
                                    mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps)
