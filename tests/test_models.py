@@ -217,6 +217,25 @@ def test_sana_flow_adapter():
     assert torch.allclose(m2(x, t, txt), -m(x, 1000 * (1 - t), txt), atol=1e-6)
 
 
+def test_x_prediction_returns_velocity_of_the_predicted_image():
+    """prediction "x": the same network read as x̂, returned as v̂ = (x̂ − x_t) / max(1 − t, x_min_sigma)."""
+    mv, mx = _t2i(), _t2i(prediction="x", x_min_sigma=0.05)
+    mx.load_state_dict(mv.state_dict())
+    x, txt = torch.randn(3, 3, 16, 16), torch.randn(3, 4, 32)
+    t = torch.tensor([0.1, 0.6, 0.99])  # the last one is clamped: 1 − t = 0.01 < 0.05
+    with torch.no_grad():
+        x_hat, v_hat = mv(x, t, txt), mx(x, t, txt)
+    sigma = torch.tensor([0.9, 0.4, 0.05]).view(3, 1, 1, 1)
+    assert torch.allclose(v_hat, (x_hat - x) / sigma, atol=1e-5)
+    # the data prediction the samplers form, x_t + (1 − t)·v̂, is x̂ wherever σ is not clamped
+    assert torch.allclose((x + (1 - t).view(3, 1, 1, 1) * v_hat)[:2], x_hat[:2], atol=1e-5)
+    assert mx.export_config()["prediction"] == "x"
+    with pytest.raises(ValueError, match="prediction must be 'v' or 'x'"):
+        build_model("pixeldit_tiny_t2i", prediction="eps")
+    with pytest.raises(ValueError, match="needs timestep_convention 'native'"):
+        build_model("pixeldit_tiny_t2i", prediction="x", timestep_convention="sana_flow")
+
+
 def test_bad_inputs_raise_clear_errors():
     m = _c2i()
     with pytest.raises(ValueError, match="multiple of the patch size 8"):

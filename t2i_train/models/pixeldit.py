@@ -46,6 +46,10 @@ DEFAULTS: dict[str, Any] = dict(
     use_text_mask=True,
     repa_block=0,             # 1-based patch block whose output feeds REPA; 0 = none
     timestep_convention="native",
+    # what the network's last layer predicts: "v" (the paper's main setting) or "x" (its appendix G: the clean
+    # image, returned as v = (x̂ − x_t) / max(1 − t, x_min_sigma) so the loss, samplers and CFG are unchanged)
+    prediction="v",
+    x_min_sigma=0.05,
     grad_checkpointing="none",  # activation checkpointing per block: none | selective | full (true = full)
 )
 
@@ -60,6 +64,12 @@ def resolve_config(cfg: dict) -> dict:
     if out["timestep_convention"] not in ("native", "sana_flow"):
         raise ValueError("model.timestep_convention must be 'native' or 'sana_flow', "
                          f"got {out['timestep_convention']!r}")
+    if out["prediction"] not in ("v", "x"):
+        raise ValueError(f"model.prediction must be 'v' or 'x', got {out['prediction']!r}")
+    if out["prediction"] == "x" and out["timestep_convention"] != "native":
+        raise ValueError("model.prediction 'x' needs timestep_convention 'native'")
+    if not out["x_min_sigma"] > 0:
+        raise ValueError(f"model.x_min_sigma must be > 0, got {out['x_min_sigma']}")
     out["grad_checkpointing"] = normalize_ac_policy(out["grad_checkpointing"])
     if out["pixel_attn_dim"] is None:
         out["pixel_attn_dim"] = out["hidden_size"]
@@ -180,6 +190,7 @@ class PixelDiT(nn.Module):
 
     def forward(self, x, t, cond, mask=None, return_repa: bool = False):
         t = self._check_inputs(x, t, cond, mask)
+        t_data = t
         if self.config["timestep_convention"] == "sana_flow":
             t = 1000.0 * (1.0 - t)
         B, C, H, W = x.shape
@@ -226,6 +237,9 @@ class PixelDiT(nn.Module):
         out = out.view(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
         if cfg["timestep_convention"] == "sana_flow":
             out = -out
+        elif cfg["prediction"] == "x":  # x̂ → v̂ in float32: the division magnifies rounding near t = 1
+            sigma = (1.0 - t_data.float()).clamp_min(cfg["x_min_sigma"]).view(B, 1, 1, 1)
+            out = ((out.float() - x.float()) / sigma).to(x.dtype)
         return (out, repa_h) if return_repa else out
 
     def extra_repr(self) -> str:
