@@ -120,16 +120,35 @@ def test_shift_fold_only_where_it_saves_flops():
     assert executed < nominal
 
 
-@pytest.mark.parametrize("arch,width", [("t2i", 48), ("c2i", 48), ("t2i", 96)])
-def test_fused_pixel_path_gives_the_plain_gradients(arch, width, monkeypatch):
+@pytest.mark.parametrize("arch,width,threads", [("t2i", 48, 1), ("t2i", 48, 2), ("c2i", 48, 2), ("t2i", 96, 3)])
+def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, monkeypatch):
     """Fused per-pixel sub-blocks (models.fused, hand-written chunked backwards: norm ⊙ scale (+ shift) before
     the compaction, gated attention residual + pixel MLP after it): outputs equal and every gradient within
     1e-5 of the op-by-op path (fp32; chunked parameter-gradient sums change only the summation order). Small
     chunks, one of them partial, so the chunk loops really run; 32×48 takes the plain path before the
-    compaction, 32×96 the shift fold."""
+    compaction, 32×96 the shift fold. With 2 or 3 intra-op threads the chunks run on that many Python threads
+    (per-thread parameter-gradient sums), and the intra-op thread count is restored afterwards."""
     import t2i_train.models.fused as fused
 
     monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)  # 2·(32/8)·(48/8)·64 = 3072 pixel rows: 4 chunks
+    pools = []
+    monkeypatch.setattr(fused, "_pool", lambda n, f=fused._pool: pools.append(n) or f(n))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pixel_blocks = _fused_matches_plain(arch, width, monkeypatch)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    # forward and backward of every fused sub-block went through the thread pool (or none did, on one thread)
+    assert len(pools) == (0 if threads == 1 else 2 * (2 * pixel_blocks + 1))
+    # 2 threads, 4 chunks: 2 ranges (1 helper thread); 3 threads, 7 chunks: ranges of 3, 3, 1 (2 helpers)
+    assert all(n == threads - 1 for n in pools)
+
+
+def _fused_matches_plain(arch, width, monkeypatch):
+    import t2i_train.models.fused as fused
+
     model = _tiny(arch)
     torch.manual_seed(1)
     inputs = _inputs(model, 2, 32, width, torch.float32, None)
@@ -148,6 +167,7 @@ def test_fused_pixel_path_gives_the_plain_gradients(arch, width, monkeypatch):
     assert g0.abs().sum() > 0
     assert torch.allclose(out, out0, rtol=0, atol=1e-6)
     assert torch.allclose(g, g0, rtol=0, atol=1e-5)
+    return len(model.pixel_blocks)
 
 
 @pytest.mark.parametrize("width", [48, 96])

@@ -21,6 +21,8 @@ float32.
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +34,63 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_
 CHUNK_ROWS = 4096
 
 
-def _chunks(n: int):
-    for i in range(0, n, CHUNK_ROWS):
+def _chunks(n: int, start: int = 0):
+    for i in range(start, n, CHUNK_ROWS):
         yield i, min(i + CHUNK_ROWS, n)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pixdit-fused")
+        return _POOL
+
+
+def _for_chunks(n: int, body, accumulators=()):
+    """body(i, j, accs) for every chunk of rows [i, j) of n, where accs are float32 zeros shaped like
+    `accumulators` (parameter-gradient sums); returns those sums over all chunks.
+
+    With T > 1 intra-op threads (torch.get_num_threads) and at least T chunks, the chunks are split into T
+    contiguous ranges run by T Python threads at one intra-op thread each: a chunk's ops are too small for
+    intra-op threading to pay (the op-by-op parallelism leaves most of a second core idle), and ATen releases
+    the GIL inside each op. Each range has its own accumulators, summed at the end."""
+    def zeros():
+        return [torch.zeros(a.shape, dtype=torch.float32, device=a.device) for a in accumulators]
+
+    threads = torch.get_num_threads()
+    n_chunks = -(-n // CHUNK_ROWS)
+    workers = min(threads, n_chunks)
+    if workers <= 1:
+        accs = zeros()
+        for i, j in _chunks(n):
+            body(i, j, accs)
+        return accs
+    per = -(-n_chunks // workers) * CHUNK_ROWS
+    ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
+    parts = [zeros() for _ in ranges]
+
+    def run(k):
+        a, b = ranges[k]
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # worker threads start with defaults
+            for i, j in _chunks(b, a):
+                body(i, j, parts[k])
+
+    torch.set_num_threads(1)
+    try:
+        pool = _pool(len(ranges) - 1)
+        futures = [pool.submit(run, k) for k in range(1, len(ranges))]
+        run(0)
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(threads)
+    return [sum(p[m] for p in parts[1:]) + parts[0][m] if len(parts) > 1 else parts[0][m]
+            for m in range(len(accumulators))]
 
 
 _SAC_MODES = (_ckpt._CachingTorchDispatchMode, _ckpt._CachedTorchDispatchMode)
@@ -86,13 +142,15 @@ class _NormScale(torch.autograd.Function):
         N = xf.shape[0]
         u = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+        def body(i, j, _):
+            n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
+            if sh is None:
+                torch.mul(n, sc[i:j], out=u[i:j])
+            else:
+                torch.addcmul(sh[i:j].float(), n, sc[i:j], out=u[i:j])
+
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            for i, j in _chunks(N):
-                n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
-                if sh is None:
-                    torch.mul(n, sc[i:j], out=u[i:j])
-                else:
-                    torch.addcmul(sh[i:j].float(), n, sc[i:j], out=u[i:j])
+            _for_chunks(N, body)
         ctx.save_for_backward(xf, sc, rstd, norm_w)
         ctx.shape = shape
         return u.view(shape)
@@ -105,13 +163,15 @@ class _NormScale(torch.autograd.Function):
         N = xf.shape[0]
         dx = torch.empty_like(xf)
         dscale = torch.empty_like(xf)
-        dnw = torch.zeros(norm_w.shape, dtype=torch.float32, device=xf.device)
+
+        def body(i, j, accs):
+            r, Gc = rstd[i:j], G[i:j].float()
+            xh, nb = _normalized(xf[i:j], r, cd)
+            torch.mul(Gc, nb * norm_w, out=dscale[i:j])
+            dx[i:j] = _norm_backward(xh, nb, r, Gc * sc[i:j], norm_w, accs[0], cd)
+
         with torch.autocast(xf.device.type, enabled=False):
-            for i, j in _chunks(N):
-                r, Gc = rstd[i:j], G[i:j].float()
-                xh, nb = _normalized(xf[i:j], r, cd)
-                torch.mul(Gc, nb * norm_w, out=dscale[i:j])
-                dx[i:j] = _norm_backward(xh, nb, r, Gc * sc[i:j], norm_w, dnw, cd)
+            (dnw,) = _for_chunks(N, body, (norm_w,))
         shape = ctx.shape
         grads = (dx.view(shape), grad_u.to(cd).view(shape), dscale.view(shape), dnw.to(norm_w.dtype), None)
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
@@ -133,13 +193,15 @@ class _PixelMLPResidual(torch.autograd.Function):
         m = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
+        def body(i, j, _):
+            yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j])
+            n = _norm_forward(yc, rstd[i:j], norm_w, eps, cd)
+            mc = torch.addcmul(sh[i:j].float(), n, sc[i:j].float(), out=m[i:j])
+            a = F.gelu(torch.addmm(b1c, mc, w1t))
+            torch.addcmul(yc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
+
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            for i, j in _chunks(N):
-                yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j])
-                n = _norm_forward(yc, rstd[i:j], norm_w, eps, cd)
-                mc = torch.addcmul(sh[i:j].float(), n, sc[i:j].float(), out=m[i:j])
-                a = F.gelu(torch.addmm(b1c, mc, w1t))
-                torch.addcmul(yc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
+            _for_chunks(N, body)
         ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
         ctx.shape = shape
         return out.view(shape)
@@ -155,31 +217,31 @@ class _PixelMLPResidual(torch.autograd.Function):
         dscale = torch.empty_like(y)
         dgate = torch.empty_like(y)
         dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
-        f32 = dict(dtype=torch.float32, device=y.device)
-        dnw = torch.zeros(norm_w.shape, **f32)
-        dw1, db1 = torch.zeros(w1.shape, **f32), torch.zeros(b1.shape, **f32)
-        dw2, db2 = torch.zeros(w2.shape, **f32), torch.zeros(b2.shape, **f32)
         w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
         w1t, w2t = w1c.t(), w2c.t()
+
+        def body(i, j, accs):
+            dnw, dw1, db1, dw2, db2 = accs
+            yc, r, mc, Gc = y[i:j], rstd[i:j], m[i:j], G[i:j]
+            pre = torch.addmm(b1c, mc, w1t)
+            act = F.gelu(pre)
+            torch.mul(Gc, torch.addmm(b2c, act, w2t), out=dgate[i:j])
+            dmlp = Gc * gt[i:j]
+            dw2 += torch.mm(dmlp.t(), act).float()
+            db2 += dmlp.float().sum(0)
+            da = torch.ops.aten.gelu_backward(torch.mm(dmlp, w2c), pre)
+            dw1 += torch.mm(da.t(), mc).float()
+            db1 += da.float().sum(0)
+            dm = torch.mm(da, w1c, out=dshift[i:j]).float()
+            xh, nb = _normalized(yc, r, cd)
+            torch.mul(dm * nb, norm_w, out=dscale[i:j])
+            dyc = torch.add(Gc.float(), _norm_backward(xh, nb, r, dm * sc[i:j].float(), norm_w, dnw, cd),
+                            out=dy[i:j])
+            torch.mul(dyc, hf[i:j], out=dgate1[i:j])
+            torch.mul(dyc, g1[i:j], out=dh[i:j])
+
         with torch.autocast(y.device.type, enabled=False):
-            for i, j in _chunks(N):
-                yc, r, mc, Gc = y[i:j], rstd[i:j], m[i:j], G[i:j]
-                pre = torch.addmm(b1c, mc, w1t)
-                act = F.gelu(pre)
-                torch.mul(Gc, torch.addmm(b2c, act, w2t), out=dgate[i:j])
-                dmlp = Gc * gt[i:j]
-                dw2 += torch.mm(dmlp.t(), act).float()
-                db2 += dmlp.float().sum(0)
-                da = torch.ops.aten.gelu_backward(torch.mm(dmlp, w2c), pre)
-                dw1 += torch.mm(da.t(), mc).float()
-                db1 += da.float().sum(0)
-                dm = torch.mm(da, w1c, out=dshift[i:j]).float()
-                xh, nb = _normalized(yc, r, cd)
-                torch.mul(dm * nb, norm_w, out=dscale[i:j])
-                dyc = torch.add(Gc.float(), _norm_backward(xh, nb, r, dm * sc[i:j].float(), norm_w, dnw, cd),
-                                out=dy[i:j])
-                torch.mul(dyc, hf[i:j], out=dgate1[i:j])
-                torch.mul(dyc, g1[i:j], out=dh[i:j])
+            dnw, dw1, db1, dw2, db2 = _for_chunks(N, body, (norm_w, w1, b1, w2, b2))
         shape = ctx.shape
         grads = [dy.view(shape), dh.view(shape), dgate1.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
                  dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None]
@@ -198,10 +260,12 @@ class _NormLinear(torch.autograd.Function):
         out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         wt, bc = weight.to(cd).t(), bias.to(cd)
+        def body(i, j, _):
+            n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
+            torch.addmm(bc, n.to(cd), wt, out=out[i:j])
+
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            for i, j in _chunks(N):
-                n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
-                torch.addmm(bc, n.to(cd), wt, out=out[i:j])
+            _for_chunks(N, body)
         ctx.save_for_backward(xf, rstd, norm_w, weight, bias)
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], -1)
@@ -213,16 +277,18 @@ class _NormLinear(torch.autograd.Function):
         G = grad_out.reshape(-1, weight.shape[0])
         N = xf.shape[0]
         dx = torch.empty_like(xf)
-        f32 = dict(dtype=torch.float32, device=xf.device)
-        dnw, dw, db = torch.zeros(norm_w.shape, **f32), torch.zeros(weight.shape, **f32), torch.zeros(bias.shape, **f32)
         wc = weight.to(cd)
+
+        def body(i, j, accs):
+            dnw, dw, db = accs
+            r, Gc = rstd[i:j], G[i:j]
+            xh, nb = _normalized(xf[i:j], r, cd)
+            dw += torch.mm(Gc.t(), (nb * norm_w).to(cd)).float()
+            db += Gc.float().sum(0)
+            dx[i:j] = _norm_backward(xh, nb, r, torch.mm(Gc, wc).float(), norm_w, dnw, cd)
+
         with torch.autocast(xf.device.type, enabled=False):
-            for i, j in _chunks(N):
-                r, Gc = rstd[i:j], G[i:j]
-                xh, nb = _normalized(xf[i:j], r, cd)
-                dw += torch.mm(Gc.t(), (nb * norm_w).to(cd)).float()
-                db += Gc.float().sum(0)
-                dx[i:j] = _norm_backward(xh, nb, r, torch.mm(Gc, wc).float(), norm_w, dnw, cd)
+            dnw, dw, db = _for_chunks(N, body, (norm_w, weight, bias))
         grads = (dx.view(ctx.shape), dnw.to(norm_w.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 
