@@ -7,9 +7,10 @@
 per pixel token, D_pix channels. Done op by op, these run a few dozen passes over [B·L·p², D_pix] and
 [B·L·p², 4·D_pix] tensors in main memory (under bf16 autocast, casts to and from float32 besides), and the
 MLP's matmuls contract only D_pix = 16 channels, so the work is bound by memory traffic, not arithmetic.
-Here the pixel rows are processed in chunks that stay in the CPU's cache. Backward recomputes a chunk's MLP
-(cheap: 2·D_pix·4·D_pix multiply-adds per pixel) instead of saving its 4·D_pix-wide hidden activations, and
-the normalised values from x and one RMS statistic per pixel.
+Here the pixel rows are processed in chunks that stay in the CPU's cache, spread over the intra-op threads
+(`_for_chunks`). Backward recomputes a chunk's MLP (cheap: 2·D_pix·4·D_pix multiply-adds per pixel) instead
+of saving its 4·D_pix-wide hidden activations, and the normalised values from x and one RMS statistic per
+pixel.
 
 Same mathematics as the op-by-op path (models.blocks.PiTBlock with `fused` off); only the order of float
 sums differs (the parameter-gradient reductions run chunk by chunk). CPU only, float32 or bfloat16 autocast
@@ -39,16 +40,17 @@ def _chunks(n: int, start: int = 0):
         yield i, min(i + CHUNK_ROWS, n)
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # (helper threads, their number)
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least `workers` helper threads (grown, never shrunk)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pixdit-fused")
-        return _POOL
+        if _POOL is None or _POOL[1] < workers:
+            _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pixdit-fused"), workers)
+        return _POOL[0]
 
 
 def _for_chunks(n: int, body, accumulators=()):
@@ -89,8 +91,10 @@ def _for_chunks(n: int, body, accumulators=()):
             f.result()
     finally:
         torch.set_num_threads(threads)
-    return [sum(p[m] for p in parts[1:]) + parts[0][m] if len(parts) > 1 else parts[0][m]
-            for m in range(len(accumulators))]
+    totals = parts[0]
+    for part in parts[1:]:
+        totals = [a + b for a, b in zip(totals, part)]
+    return totals
 
 
 _SAC_MODES = (_ckpt._CachingTorchDispatchMode, _ckpt._CachedTorchDispatchMode)
@@ -142,6 +146,7 @@ class _NormScale(torch.autograd.Function):
         N = xf.shape[0]
         u = torch.empty_like(xf)
         rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+
         def body(i, j, _):
             n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
             if sh is None:
