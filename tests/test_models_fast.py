@@ -146,6 +146,36 @@ def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, monkey
     assert all(n == threads - 1 for n in pools)
 
 
+def test_fused_threads_under_inference_mode_and_fake_tensors(monkeypatch):
+    """Sampling runs under torch.inference_mode and memory plans under FakeTensorMode; both are per-thread
+    states. With 2 threads: under inference mode the helper threads enter it too (the output equals the
+    one-thread output), and under fake tensors the chunks stay on the calling thread."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import t2i_train.models.fused as fused
+
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)
+    model = _tiny("t2i").eval()
+    torch.manual_seed(1)
+    x, t, cond, mask = _inputs(model, 2, 32, 48, torch.float32, None)
+    pools = []
+    monkeypatch.setattr(fused, "_pool", lambda n, f=fused._pool: pools.append(n) or f(n))
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs[threads] = model(x, t, cond, mask)
+        assert pools and torch.allclose(outs[2], outs[1], rtol=0, atol=1e-6)
+        pools.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = model(mode.from_tensor(x), mode.from_tensor(t), mode.from_tensor(cond), None)
+        assert fake.shape == x.shape and pools == []
+    finally:
+        torch.set_num_threads(before)
+
+
 def _fused_matches_plain(arch, width, monkeypatch):
     import t2i_train.models.fused as fused
 

@@ -66,7 +66,8 @@ def _for_chunks(n: int, body, accumulators=()):
 
     threads = torch.get_num_threads()
     n_chunks = -(-n // CHUNK_ROWS)
-    workers = min(threads, n_chunks)
+    # dispatch modes (fake tensors for memory plans, tracing) are per thread: under one, stay on this thread
+    workers = 1 if _get_current_dispatch_mode_stack() else min(threads, n_chunks)
     if workers <= 1:
         accs = zeros()
         for i, j in _chunks(n):
@@ -76,9 +77,12 @@ def _for_chunks(n: int, body, accumulators=()):
     ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
     parts = [zeros() for _ in ranges]
 
+    inference = torch.is_inference_mode_enabled()  # writes into inference tensors need inference mode
+
     def run(k):
         a, b = ranges[k]
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # worker threads start with defaults
+        # worker threads start with the default grad, inference and autocast states
+        with torch.inference_mode() if inference else torch.no_grad(), torch.autocast("cpu", enabled=False):
             for i, j in _chunks(b, a):
                 body(i, j, parts[k])
 
