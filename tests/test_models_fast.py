@@ -149,7 +149,8 @@ def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, monkey
 def test_fused_threads_under_inference_mode_and_fake_tensors(monkeypatch):
     """Sampling runs under torch.inference_mode and memory plans under FakeTensorMode; both are per-thread
     states. With 2 threads: under inference mode the helper threads enter it too (the output equals the
-    one-thread output), and under fake tensors the chunks stay on the calling thread."""
+    one-thread output), and under fake tensors (a dispatch mode) or a device context (a function mode) the
+    chunks stay on the calling thread."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import t2i_train.models.fused as fused
@@ -172,6 +173,9 @@ def test_fused_threads_under_inference_mode_and_fake_tensors(monkeypatch):
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = model(mode.from_tensor(x), mode.from_tensor(t), mode.from_tensor(cond), None)
         assert fake.shape == x.shape and pools == []
+        with torch.device("cpu"), torch.no_grad():  # a function mode: also one thread
+            model(x, t, cond, mask)
+        assert pools == []
     finally:
         torch.set_num_threads(before)
 

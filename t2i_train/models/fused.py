@@ -66,8 +66,10 @@ def _for_chunks(n: int, body, accumulators=()):
 
     threads = torch.get_num_threads()
     n_chunks = -(-n // CHUNK_ROWS)
-    # dispatch modes (fake tensors for memory plans, tracing) are per thread: under one, stay on this thread
-    workers = 1 if _get_current_dispatch_mode_stack() else min(threads, n_chunks)
+    # dispatch and function modes (fake tensors for memory plans, tracing, device contexts) are per thread:
+    # under one, stay on this thread
+    moded = bool(_get_current_dispatch_mode_stack()) or torch._C._len_torch_function_stack() > 0
+    workers = 1 if moded else min(threads, n_chunks)
     if workers <= 1:
         accs = zeros()
         for i, j in _chunks(n):
