@@ -49,6 +49,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[1] < workers:
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=False)
             _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pixdit-fused"), workers)
         return _POOL[0]
 
@@ -70,13 +72,8 @@ def _for_chunks(n: int, body, accumulators=()):
     # under one, stay on this thread
     moded = bool(_get_current_dispatch_mode_stack()) or torch._C._len_torch_function_stack() > 0
     workers = 1 if moded else min(threads, n_chunks)
-    if workers <= 1:
-        accs = zeros()
-        for i, j in _chunks(n):
-            body(i, j, accs)
-        return accs
-    per = -(-n_chunks // workers) * CHUNK_ROWS
-    ranges = [(a, min(a + per, n)) for a in range(0, n, per)]
+    per = -(-n_chunks // max(workers, 1)) * CHUNK_ROWS
+    ranges = [(a, min(a + per, n)) for a in range(0, n, per)] or [(0, 0)]
     parts = [zeros() for _ in ranges]
 
     inference = torch.is_inference_mode_enabled()  # writes into inference tensors need inference mode
@@ -88,6 +85,10 @@ def _for_chunks(n: int, body, accumulators=()):
             for i, j in _chunks(b, a):
                 body(i, j, parts[k])
 
+    if len(ranges) == 1:  # one thread: the serial loop, in the caller's states
+        for i, j in _chunks(n):
+            body(i, j, parts[0])
+        return parts[0]
     torch.set_num_threads(1)
     try:
         pool = _pool(len(ranges) - 1)
