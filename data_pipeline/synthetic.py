@@ -13,8 +13,9 @@ those combinations as GenEval prompts (``evaluation_metadata.jsonl``), so a scor
 generalisation to unseen combinations of seen words. ``--source`` writes a folder of ``<key>.png`` +
 ``<key>.json`` for ``t2i-build-shards DIR --kind folder`` (the path any user data takes) instead of shards.
 
-CLI: ``python -m data_pipeline.synthetic --out DIR --num N [--size 64] [--mode t2i|c2i] [--seed 0]
-[--source] [--holdout] [--eval-metadata FILE --eval-per-tag K]``
+CLI: ``python -m data_pipeline.synthetic --out DIR --num N [--size 64 | --sizes 48x48,64x32] [--mode t2i|c2i]
+[--object-size PX] [--grid PX] [--backgrounds grey,...] [--seed 0] [--source] [--holdout]
+[--eval-metadata FILE --eval-per-tag K]``
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
@@ -77,34 +79,71 @@ def _overlaps(a, b, gap):
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _place(rng: random.Random, w: int, h: int, n: int, side: int, region=None, taken=(), gap=2):
-    """``n`` non-overlapping square boxes of ``side`` px inside ``region`` (x0, y0, x1, y1)."""
+def _place(rng: random.Random, w: int, h: int, n: int, side: int, region=None, taken=(), gap=2, grid=1):
+    """``n`` non-overlapping square boxes of ``side`` px inside ``region`` (x0, y0, x1, y1), their corners on
+    multiples of ``grid`` px."""
     rx0, ry0, rx1, ry1 = region or (0, 0, w, h)
+    xs = [x for x in range(rx0, rx1 - side + 1) if x % grid == 0]
+    ys = [y for y in range(ry0, ry1 - side + 1) if y % grid == 0]
     boxes = []
     for _ in range(2000):
         if len(boxes) == n:
             return boxes
-        if rx1 - rx0 < side or ry1 - ry0 < side:
+        if not xs or not ys:
             break
-        x0, y0 = rng.randint(rx0, rx1 - side), rng.randint(ry0, ry1 - side)
+        if grid == 1:  # (the draw of every layout made before grids existed)
+            x0, y0 = rng.randint(rx0, rx1 - side), rng.randint(ry0, ry1 - side)
+        else:
+            x0, y0 = rng.choice(xs), rng.choice(ys)
         box = (x0, y0, x0 + side, y0 + side)
         if all(not _overlaps(box, b, gap) for b in list(taken) + boxes):
             boxes.append(box)
     return None
 
 
-def make_scene(rng: random.Random, width: int, height: int, tag: str, mode: str = "t2i") -> Dict:
+@dataclass(frozen=True)
+class Layout:
+    """How scenes are laid out. The defaults vary everything; the CPU demo fixes what its tiny model should not
+    have to learn in minutes (object size, sub-patch offsets, background) so that what it learns is the words.
+
+    object_size: every object's side in px (None: 0.3–0.45 of the short side, a little less for counted and
+    placed ones); grid: object boxes start on multiples of this many px (the model's patch size aligns each
+    shape with the patch grid); backgrounds: the background palette names to draw from (None: all)."""
+    object_size: Optional[int] = None
+    grid: int = 1
+    backgrounds: Optional[Tuple[str, ...]] = None
+
+    def __post_init__(self):
+        if self.object_size is not None and self.object_size < 4:
+            raise ValueError(f"object_size must be at least 4 px, got {self.object_size}")
+        if self.grid < 1:
+            raise ValueError(f"grid must be at least 1 px, got {self.grid}")
+        unknown = sorted(set(self.backgrounds or ()) - set(BACKGROUNDS))
+        if unknown or self.backgrounds == ():
+            raise ValueError(f"unknown background(s) {unknown or '(none given)'}; known: {sorted(BACKGROUNDS)}")
+
+
+def make_scene(rng: random.Random, width: int, height: int, tag: str, mode: str = "t2i",
+               layout: Layout = Layout()) -> Dict:
     """A scene description (objects with boxes) and its caption(s); no pixels yet."""
     short = min(width, height)
+    fixed = layout.object_size
+    if fixed is not None and fixed > short:
+        raise ValueError(f"object_size {fixed} px does not fit a {width}x{height} image")
+    grid = layout.grid
+
+    def place(n, side, region=None, taken=()):
+        return _place(rng, width, height, n, side, region=region, taken=taken, grid=grid)
+
     for _ in range(100):
         # objects span 0.3–0.45 of the short side (10–14 px at 32²), counted and placed ones a little less: at
         # the demo's patch size 4 a shape is about three patches across, and a one-pixel error on its outline
         # costs less of the detector's IoU (which must reach 0.9 for counting prompts) than on an 8-px shape
-        side = rng.randint(max(6, round(0.3 * short)), max(7, round(0.45 * short)))
-        bg = rng.choice(sorted(BACKGROUNDS))
+        side = fixed or rng.randint(max(6, round(0.3 * short)), max(7, round(0.45 * short)))
+        bg = rng.choice(sorted(layout.backgrounds or BACKGROUNDS))
         if tag in ("single_object", "colors"):
             shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
-            boxes = _place(rng, width, height, 1, side)
+            boxes = place(1, side)
             objs = [(shape, color, boxes[0])] if boxes else None
             if tag == "single_object":
                 prompt = f"a photo of {article(shape)} {shape}"
@@ -114,15 +153,16 @@ def make_scene(rng: random.Random, width: int, height: int, tag: str, mode: str 
                 include = [{"class": shape, "count": 1, "color": color}]
         elif tag == "counting":
             shape, n = rng.choice(SHAPES), rng.randint(2, 4)
-            side = max(6, min(side, int(short * (0.4 if n == 2 else 0.36))))  # n of them still fit
-            boxes = _place(rng, width, height, n, side)
+            if fixed is None:
+                side = max(6, min(side, int(short * (0.4 if n == 2 else 0.36))))  # n of them still fit
+            boxes = place(n, side)
             objs = [(shape, rng.choice(sorted(COLORS)), b) for b in boxes] if boxes else None
             prompt = f"a photo of {NUMBERS[n]} {plural(shape)}"
             include = [{"class": shape, "count": n}]
         elif tag in ("two_object", "color_attr"):
             s1, s2 = rng.sample(SHAPES, 2)
             c1, c2 = rng.sample(sorted(COLORS), 2)
-            boxes = _place(rng, width, height, 2, side)
+            boxes = place(2, side)
             objs = [(s1, c1, boxes[0]), (s2, c2, boxes[1])] if boxes else None
             if tag == "two_object":
                 prompt = f"a photo of {article(s1)} {s1} and {article(s2)} {s2}"
@@ -134,15 +174,16 @@ def make_scene(rng: random.Random, width: int, height: int, tag: str, mode: str 
             s1, s2 = rng.sample(SHAPES, 2)
             c1, c2 = rng.sample(sorted(COLORS), 2)
             rel = rng.choice(RELATIONS)
-            side = max(6, min(side, short // 2 - 3))  # each fits in its half with a gap
+            if fixed is None:
+                side = max(6, min(side, short // 2 - 3))  # each fits in its half with a gap
             halves = {"left of": ((0, 0, width // 2, height), (width // 2, 0, width, height)),
                       "above": ((0, 0, width, height // 2), (0, height // 2, width, height))}
             flip = rel in ("right of", "below")
             first, second = halves["left of" if rel in ("left of", "right of") else "above"]
             if flip:
                 first, second = second, first
-            b1 = _place(rng, width, height, 1, side, region=first)
-            b2 = _place(rng, width, height, 1, side, region=second, taken=b1 or ())
+            b1 = place(1, side, region=first)
+            b2 = place(1, side, region=second, taken=b1 or ())
             objs = [(s1, c1, b1[0]), (s2, c2, b2[0])] if b1 and b2 else None
             prompt = f"a photo of {article(c1)} {c1} {s1} {rel} {article(c2)} {c2} {s2}"
             include = [{"class": s2, "count": 1, "color": c2},
@@ -265,19 +306,40 @@ def write_eval_metadata(path: str, holdout: Holdout, per_tag: int, seed: int = 0
     return entries
 
 
+def parse_sizes(text: str) -> List[Tuple[int, int]]:
+    """``"48x48,64x32"`` → ``[(48, 48), (64, 32)]`` (width x height)."""
+    out = []
+    for part in text.split(","):
+        try:
+            w, h = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"image size {part!r} is not WIDTHxHEIGHT (e.g. 64x32)") from None
+        if w < 16 or h < 16:
+            raise ValueError(f"image size {part!r}: both sides must be at least 16 px")
+        out.append((w, h))
+    return out
+
+
 def synthetic_records(num: int, seed: int = 0, size: int = 64, mode: str = "t2i", aspect: str = "varied",
                       tags: Optional[Sequence[str]] = None, image_format: str = "png",
-                      holdout: Optional[Holdout] = None):
+                      holdout: Optional[Holdout] = None, layout: Layout = Layout(),
+                      sizes: Optional[Sequence[Tuple[int, int]]] = None):
+    """``num`` samples. Image sizes: ``sizes`` (width, height) drawn uniformly when given (exact bucket sizes
+    need no resize in the loader), else about ``size``² at an aspect ratio from ``ASPECTS`` (``aspect="varied"``)
+    or square."""
     tags = list(tags or (("single_object",) if mode == "c2i" else TAGS))
     for i in range(num):
         rng = random.Random(f"synthetic-{seed}-{i}")
-        aw, ah = rng.choice(ASPECTS) if aspect == "varied" else (1, 1)
-        scale = size / math.sqrt(aw * ah)
-        width, height = max(16, round(aw * scale)), max(16, round(ah * scale))
+        if sizes:
+            width, height = rng.choice(list(sizes))
+        else:
+            aw, ah = rng.choice(ASPECTS) if aspect == "varied" else (1, 1)
+            scale = size / math.sqrt(aw * ah)
+            width, height = max(16, round(aw * scale)), max(16, round(ah * scale))
         tag = tags[i % len(tags)]
-        scene = make_scene(rng, width, height, tag, mode)
+        scene = make_scene(rng, width, height, tag, mode, layout)
         while holdout is not None and holdout.covers(tag, scene["include"]):
-            scene = make_scene(rng, width, height, tag, mode)
+            scene = make_scene(rng, width, height, tag, mode, layout)
         buf = io.BytesIO()
         render(scene, width, height).save(buf, format="PNG" if image_format == "png" else "JPEG", quality=95)
         extra = {k: v for k, v in scene.items() if k not in ("prompt", "detailed", "label")}
@@ -288,10 +350,12 @@ def synthetic_records(num: int, seed: int = 0, size: int = 64, mode: str = "t2i"
 
 def write_synthetic(out_dir: str, num: int, seed: int = 0, size: int = 64, mode: str = "t2i",
                     aspect: str = "varied", samples_per_shard: int = 100, tags=None, image_format: str = "png",
-                    workers: int = 0, progress: bool = False) -> Dict:
+                    workers: int = 0, progress: bool = False, holdout: Optional[Holdout] = None,
+                    layout: Layout = Layout(), sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict:
     """Write ``num`` synthetic samples as shards in ``out_dir`` (through the shard builder); returns its stats."""
     classes = list(SHAPES) if mode == "c2i" else None
-    return build_shards(synthetic_records(num, seed, size, mode, aspect, tags, image_format), out_dir,
+    records = synthetic_records(num, seed, size, mode, aspect, tags, image_format, holdout, layout, sizes)
+    return build_shards(records, out_dir,
                         name="synthetic", samples_per_shard=samples_per_shard, opts=BuildOptions(),
                         workers=workers, classes=classes, progress=progress,
                         dataset_name=f"synthetic-{mode}")
@@ -321,6 +385,14 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="about sqrt(width*height) of each image")
     p.add_argument("--mode", choices=["t2i", "c2i"], default="t2i")
     p.add_argument("--aspect", choices=["varied", "square"], default="varied")
+    p.add_argument("--sizes", default=None, help="exact image sizes WxH,WxH,... drawn uniformly (overrides --size "
+                   "and --aspect; e.g. a bucket table's sizes, so the loader needs no resize)")
+    p.add_argument("--object-size", type=int, default=None,
+                   help="every object's side in px (default: 0.3-0.45 of the image's short side)")
+    p.add_argument("--grid", type=int, default=1, help="object boxes start on multiples of this many px "
+                   "(the model's patch size aligns shapes with its patches)")
+    p.add_argument("--backgrounds", default=None, help=f"comma list of background names out of "
+                   f"{','.join(sorted(BACKGROUNDS))} (default: all)")
     p.add_argument("--tags", default=None, help=f"comma list out of {','.join(TAGS)}")
     p.add_argument("--format", choices=["png", "jpg"], default="png")
     p.add_argument("--samples-per-shard", type=int, default=100)
@@ -331,6 +403,11 @@ def main(argv=None):
     p.add_argument("--eval-metadata", default=None, help="also write the held-out GenEval prompts to this .jsonl")
     p.add_argument("--eval-per-tag", type=int, default=8, help="held-out prompts per GenEval tag")
     a = p.parse_args(argv)
+    try:
+        layout = Layout(a.object_size, a.grid, tuple(a.backgrounds.split(",")) if a.backgrounds else None)
+        sizes = parse_sizes(a.sizes) if a.sizes else None
+    except ValueError as e:
+        p.error(str(e))
     holdout = Holdout() if a.holdout or a.eval_metadata else None
     if a.eval_metadata:
         entries = write_eval_metadata(a.eval_metadata, holdout, a.eval_per_tag, a.seed)
@@ -339,12 +416,14 @@ def main(argv=None):
             return 0
     if a.source:
         records = synthetic_records(a.num, a.seed, a.size, a.mode, a.aspect,
-                                    a.tags.split(",") if a.tags else None, a.format, holdout if a.holdout else None)
+                                    a.tags.split(",") if a.tags else None, a.format, holdout if a.holdout else None,
+                                    layout, sizes)
         n = write_source_folder(a.out, tqdm(records, total=a.num, desc="synthetic", disable=a.num < 500))
         print(f"{n} images + json sidecars -> {a.out}  (next: t2i-build-shards {a.out} --kind folder --out DIR)")
         return 0
     stats = write_synthetic(a.out, a.num, a.seed, a.size, a.mode, a.aspect, a.samples_per_shard,
-                            a.tags.split(",") if a.tags else None, a.format, progress=True)
+                            a.tags.split(",") if a.tags else None, a.format, progress=True,
+                            holdout=holdout if a.holdout else None, layout=layout, sizes=sizes)
     print(json.dumps(stats, indent=1, sort_keys=True))
     return 0
 

@@ -90,3 +90,56 @@ def test_cli_writes_shards_through_builder(tmp_path):
     a = [r["image"] for r in synthetic_records(5, seed=9)]
     b = [r["image"] for r in synthetic_records(5, seed=9)]
     assert a == b
+
+
+def test_layout_fixed_size_grid_backgrounds_and_exact_sizes():
+    from data_pipeline.synthetic import Layout
+    layout = Layout(object_size=12, grid=4, backgrounds=("grey",))
+    sizes = [(48, 48), (64, 32), (32, 64)]
+    seen_sizes, tags = set(), set()
+    for r in synthetic_records(90, seed=5, size=48, layout=layout, sizes=sizes):
+        tags.add(_check_record(r))
+        meta = r["extra"]
+        seen_sizes.add(Image.open(io.BytesIO(r["image"])).size)
+        assert meta["background"] == "grey"
+        for o in meta["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            assert (x1 - x0, y1 - y0) == (12, 12), o
+            assert x0 % 4 == 0 and y0 % 4 == 0, o
+    assert seen_sizes == set(sizes) and tags == set(TAGS)
+    # 32² squares (the demo's stage 1): four 12-px objects still fit, and so do the two halves of a relation
+    for r in synthetic_records(60, seed=6, size=32, aspect="square", layout=layout):
+        assert all(o["box"][2] - o["box"][0] == 12 for o in r["extra"]["objects"])
+
+
+def test_layout_rejects_bad_options(capsys):
+    import pytest
+    from data_pipeline.synthetic import Layout, parse_sizes
+    with pytest.raises(ValueError, match="unknown background"):
+        Layout(backgrounds=("teal",))
+    with pytest.raises(ValueError, match="grid"):
+        Layout(grid=0)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_sizes("48,32")
+    with pytest.raises(ValueError, match="does not fit"):
+        next(synthetic_records(1, size=32, aspect="square", layout=Layout(object_size=40)))
+    with pytest.raises(SystemExit):
+        main(["--out", "x", "--num", "1", "--backgrounds", "teal"])
+    assert "unknown background" in capsys.readouterr().err
+
+
+def test_holdout_applies_to_shards_too(tmp_path):
+    """--holdout keeps held-out combinations out of shards written directly, not only out of --source folders."""
+    from data_pipeline.synthetic import Holdout
+    out = tmp_path / "shards"
+    assert main(["--out", str(out), "--num", "120", "--size", "32", "--aspect", "square", "--holdout",
+                 "--samples-per-shard", "60"]) == 0
+    holdout, n = Holdout(), 0
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.load(tf.extractfile(m))
+                    assert not holdout.covers(meta["tag"], meta["include"]), meta["captions"]
+                    n += 1
+    assert n == 120
