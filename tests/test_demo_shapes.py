@@ -20,13 +20,21 @@ def _perturb(img: Image.Image, how: str, rng: np.random.Generator) -> Image.Imag
 
 
 @pytest.mark.parametrize("how", ["clean", "noise", "blur"])
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [32, 64, "demo"])
 def test_detector_recovers_ground_truth(how, size):
+    """Default layouts at 32² and around 64², and the demo's: 8-px shapes on the 8-px grid, one background, in
+    stage 2's bucket sizes (the smallest shapes the detector has to tell apart)."""
+    from data_pipeline.synthetic import Layout
     detector, colours = build()
     rng = np.random.default_rng(0)
     wrong = []
     scores = []
-    for rec in synthetic_records(120, seed=11, size=size, aspect="varied" if size == 64 else "square"):
+    if size == "demo":
+        records = synthetic_records(120, seed=11, layout=Layout(object_size=8, grid=8, backgrounds=("grey",)),
+                                    sizes=[(32, 32), (48, 48), (64, 32), (32, 64)])
+    else:
+        records = synthetic_records(120, seed=11, size=size, aspect="varied" if size == 64 else "square")
+    for rec in records:
         img = _perturb(Image.open(io.BytesIO(rec["image"])).convert("RGB"), how, rng)
         dets = detector.detect(img)
         names = colours.classify(img, dets, list(COLORS))
