@@ -83,15 +83,16 @@ def _place(rng: random.Random, w: int, h: int, n: int, side: int, region=None, t
     """``n`` non-overlapping square boxes of ``side`` px inside ``region`` (x0, y0, x1, y1), their corners on
     multiples of ``grid`` px."""
     rx0, ry0, rx1, ry1 = region or (0, 0, w, h)
-    xs = [x for x in range(rx0, rx1 - side + 1) if x % grid == 0]
-    ys = [y for y in range(ry0, ry1 - side + 1) if y % grid == 0]
+    # grid 1 keeps randint: the exact draws of every layout made before grids existed
+    xs = range(rx0, rx1 - side + 1) if grid == 1 else [x for x in range(rx0, rx1 - side + 1) if x % grid == 0]
+    ys = range(ry0, ry1 - side + 1) if grid == 1 else [y for y in range(ry0, ry1 - side + 1) if y % grid == 0]
     boxes = []
     for _ in range(2000):
         if len(boxes) == n:
             return boxes
         if not xs or not ys:
             break
-        if grid == 1:  # (the draw of every layout made before grids existed)
+        if grid == 1:
             x0, y0 = rng.randint(rx0, rx1 - side), rng.randint(ry0, ry1 - side)
         else:
             x0, y0 = rng.choice(xs), rng.choice(ys)
@@ -136,9 +137,8 @@ def make_scene(rng: random.Random, width: int, height: int, tag: str, mode: str 
         return _place(rng, width, height, n, side, region=region, taken=taken, grid=grid)
 
     for _ in range(100):
-        # objects span 0.3–0.45 of the short side (10–14 px at 32²), counted and placed ones a little less: at
-        # the demo's patch size 4 a shape is about three patches across, and a one-pixel error on its outline
-        # costs less of the detector's IoU (which must reach 0.9 for counting prompts) than on an 8-px shape
+        # by default objects span 0.3–0.45 of the short side (10–14 px at 32²), counted and placed ones a
+        # little less (n of them must fit); `layout.object_size` fixes every side instead
         side = fixed or rng.randint(max(6, round(0.3 * short)), max(7, round(0.45 * short)))
         bg = rng.choice(sorted(layout.backgrounds or BACKGROUNDS))
         if tag in ("single_object", "colors"):
