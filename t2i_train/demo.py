@@ -84,7 +84,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(num32=256, num48=128, steps1=12, steps2=6, val1=6, val2=3, per_tag=2, n_samples=1,
                     sample_steps=4, micro=4, log_every=2)
-    return dict(num32=20000, num48=3000, steps1=3000, steps2=150, val1=750, val2=75, per_tag=8, n_samples=4,
+    return dict(num32=20000, num48=3000, steps1=3000, steps2=150, val1=750, val2=75, per_tag=8, n_samples=8,
                 sample_steps=20, micro=16, log_every=25)
 
 

@@ -8,6 +8,15 @@ No weights can be downloaded on the CPU demo machine, so the demo builds, in the
   as a timm model folder (`config.json` + `model.safetensors`) that `objective.repa_encoder: <dir>` loads.
 A random-initialised Gemma still maps different captions to different embeddings (`caption_separation`
 checks it), which is all the denoiser needs to learn caption-dependent images.
+
+Word binding. A trained Gemma's noun token carries its adjective ("green" in the token of "diamond"), which is
+what lets a denoiser put the right colour on the right shape. A random Gemma does not: each token comes out as
+essentially its own word. The demo's Gemma therefore attends over a 2-token causal window in every layer
+(`sliding_window=2`, so the receptive field is the word and the two before it) with uniform attention inside it
+(`query_pre_attn_scalar` so large that the random query-key logits vanish): each token then holds its own word
+plus a fixed share of the preceding ones. On the demo's held-out prompts (both colour-shape pairs unseen in
+training), colour attribution went from 0.00 (the denoiser drew the colours swapped, as the pairs it had seen)
+to 0.72 (README, demo).
 """
 from __future__ import annotations
 
@@ -48,19 +57,29 @@ def _scratch_dir() -> str:
 
 
 def build_tiny_gemma(out_dir: str | Path, captions: Sequence[str], *, hidden_size: int = 64, layers: int = 2,
-                     heads: int = 2, seed: int = 0, vocab_size: int = 640) -> Path:
-    """Write a random-initialised tiny Gemma-2 model directory (model + tokenizer) loadable by `AutoModel`."""
+                     heads: int = 2, seed: int = 0, vocab_size: int = 640, window: int | None = 2) -> Path:
+    """Write a random-initialised tiny Gemma-2 model directory (model + tokenizer) loadable by `AutoModel`.
+
+    ``window``: every layer attends uniformly over this many tokens (itself and the ones before it), so words
+    carry their neighbours (module docstring); ``None`` keeps Gemma-2's own layout (sliding and global layers
+    alternating, random sharp attention).
+    """
     from transformers import Gemma2Config, Gemma2Model
 
     from t2i_train.text.gemma import CHI_PROMPT
 
     out = Path(out_dir)
     tokenizer = train_tokenizer(list(captions) + CHI_PROMPT.split("\n"), vocab_size)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 token, got {window}")
+    # logits scaled by query_pre_attn_scalar ** -0.5: at 10^12 they are ~0, a plain average over the window
+    local = dict(layer_types=["sliding_attention"] * layers, query_pre_attn_scalar=10 ** 12) if window else {}
     n_tokens = len(tokenizer.encode(CHI_PROMPT)) + max(len(tokenizer.encode(c)) for c in captions)
     config = Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
-        head_dim=hidden_size // heads, max_position_embeddings=max(1024, 2 * n_tokens), sliding_window=256,
+        head_dim=hidden_size // heads, max_position_embeddings=max(1024, 2 * n_tokens),
+        sliding_window=window or 256, **local,
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
         # At Gemma's 0.02 the post-norms of the random layers swamp the token embeddings and every caption
         # comes out alike (token cosine ≈ 0.99); a larger init keeps each word's embedding visible.

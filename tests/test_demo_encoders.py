@@ -40,3 +40,28 @@ def test_tiny_dinov2_is_a_repa_teacher_of_its_own_width(tmp_path):
     tokens = obj.teacher(torch.rand(2, 3, 32, 32) * 2 - 1, (4, 4))
     assert tokens.shape == (2, 16, 32) and torch.isfinite(tokens).all()
     assert not any(k.startswith("teacher") for k in obj.state_dict())
+
+
+def test_tiny_gemma_words_carry_their_neighbours_within_the_window(tmp_path):
+    """Each token holds its word plus the two before it (2-token window, 2 layers) and nothing further back:
+    "circle" after "red" differs from "circle" after "blue"; "square" four words later does not."""
+    path = build_tiny_gemma(tmp_path / "gemma", CAPTIONS, hidden_size=32)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention"] * 2 and cfg["sliding_window"] == 2
+    cfg_ = _TextCfg()
+    cfg_.encoder = str(path)
+    enc = build_text_encoder(cfg_, 32, 12, "cpu")
+    a, b = "a photo of a red circle and a square", "a photo of a blue circle and a square"
+    ids = enc.tokenizer(a).input_ids
+    assert len(ids) == len(enc.tokenizer(b).input_ids)
+    pieces = enc.tokenizer.convert_ids_to_tokens(ids)
+    circle, square = pieces.index("▁circle"), pieces.index("▁square")
+    emb, _ = enc.encode([a, b])
+    cos = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=-1)
+    assert cos[circle - 1] < 0.5                     # the colour word itself
+    assert 0.5 < cos[circle] < 0.999                 # the noun, coloured by its adjective
+    assert torch.allclose(emb[0, square], emb[1, square], atol=1e-5)  # out of reach
+    assert torch.allclose(emb[0, :circle - 1], emb[1, :circle - 1], atol=1e-5)  # causal: earlier words untouched
+    # Gemma-2's own layout (window=None) is still available
+    plain = build_tiny_gemma(tmp_path / "plain", CAPTIONS, hidden_size=32, window=None)
+    assert json.loads((plain / "config.json").read_text())["layer_types"] == ["sliding_attention", "full_attention"]
