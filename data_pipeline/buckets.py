@@ -78,8 +78,10 @@ class BucketSpec:
             self.table = {"1.0": [self.resolution, self.resolution]}
         else:
             self.table = dict(table) if isinstance(table, dict) else get_table(table or self.resolution)
-        for h, w in self.table.values():
-            assert h % patch_size == 0 and w % patch_size == 0, (h, w)
+        for key, (h, w) in self.table.items():
+            if h % patch_size or w % patch_size:
+                raise ValueError(f"bucket {key!r}: {h}x{w} is not a multiple of {patch_size} on both sides "
+                                 f"(bucket sides must be multiples of {patch_size}, the patch grid)")
 
     def assign(self, height: int, width: int) -> Bucket:
         return nearest_bucket(height, width, self.table)

@@ -71,3 +71,9 @@ def test_caption_choice_follows_clip_score_rule():
                     for _ in range(2000))
     assert set(props) == {"vlm", "prompt"} and 2.4 < props["vlm"] / props["prompt"] < 3.8
     assert choose_caption({}, None, rng) == ("prompt", "")
+
+
+def test_bucket_off_the_patch_grid_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"bucket '1.0': 40x40 is not a multiple of 16"):
+        BucketSpec("multi", 40, table={"0.5": [32, 64], "1.0": [40, 40]})
+    assert BucketSpec("multi", 40, table={"1.0": [40, 40]}, patch_size=8).buckets == [(40, 40)]
