@@ -152,20 +152,33 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="writes OUT/gemma2-tiny and OUT/dinov2-tiny")
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=14,
+                   help="the runs' text.max_length: every caption must fit in it (<bos> included), else it fails")
+    p.add_argument("--eval-metadata", default=None,
+                   help="a GenEval evaluation_metadata.jsonl whose prompts must fit in --max-length too")
     a = p.parse_args(argv)
     from t2i_train.text import GemmaTextEncoder
 
     captions = read_captions(a.captions)
     gemma = build_tiny_gemma(Path(a.out) / "gemma2-tiny", captions, hidden_size=a.text_width, seed=a.seed)
     dino = build_tiny_dinov2(Path(a.out) / "dinov2-tiny", seed=a.seed)
-    sim = caption_separation(GemmaTextEncoder(str(gemma), max_length=20, dtype=torch.float32), captions[:12])
+    encoder = GemmaTextEncoder(str(gemma), max_length=a.max_length, dtype=torch.float32)
+    prompts = [json.loads(line)["prompt"] for line in Path(a.eval_metadata).read_text().splitlines()
+               if line.strip()] if a.eval_metadata else []
+    longest = max(captions + prompts, key=lambda c: len(encoder.tokenizer.encode(c)))
+    n_longest = len(encoder.tokenizer.encode(longest))
+    if n_longest > a.max_length:
+        raise SystemExit(f"caption {longest!r} is {n_longest} tokens, more than --max-length {a.max_length}: "
+                         "it would be truncated (raise text.max_length and model.spec.txt_len)")
+    sim = caption_separation(encoder, captions[:12])
     print("NOTE: no weights can be downloaded here, so both encoders are RANDOM-INITIALISED stand-ins with the real "
           "architectures,\n      loaded through the same code paths as google/gemma-2-2b-it and "
           "timm/vit_base_patch14_dinov2.lvd142m:")
     print(f"  text encoder  {gemma}  (Gemma-2: {describe(gemma)}; sentencepiece BPE tokenizer trained on "
           f"{len(captions)} demo captions)")
     print(f"  REPA teacher  {dino}  (timm {describe(dino)})")
-    print(f"  caption check: least distinguishable pair of captions, smallest token cosine = {sim:.3f}")
+    print(f"  caption check: longest caption {n_longest} of {a.max_length} tokens; least distinguishable pair of "
+          f"captions, smallest token cosine = {sim:.3f}")
     if sim > 0.95:
         raise SystemExit(f"the tiny text encoder collapses different captions (token cosine {sim:.3f} > 0.95)")
     return 0

@@ -38,6 +38,7 @@ def test_quick_demo_writes_scores_grids_and_report(tmp_path):
     # the report: table, loss plot, grids, commands; the console ends with the table and the path
     report = (out / "report.md").read_text()
     assert "| **overall** |" in report and "deepspeed --num_gpus 2" in report and "build_shards" in report
+    assert "torchrun --nproc-per-node 2" in report  # GenEval generation split across both cores
     for png in ["loss.png"] + [line.split("(")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert Image.open(out / png).size[0] > 0, png
     assert r.stdout.rstrip().endswith(f"Report: {out / 'report.md'}")

@@ -65,3 +65,31 @@ def test_tiny_gemma_words_carry_their_neighbours_within_the_window(tmp_path):
     # Gemma-2's own layout (window=None) is still available
     plain = build_tiny_gemma(tmp_path / "plain", CAPTIONS, hidden_size=32, window=None)
     assert json.loads((plain / "config.json").read_text())["layer_types"] == ["sliding_attention", "full_attention"]
+
+
+def _caption_folder(path, captions):
+    path.mkdir()
+    for i, c in enumerate(captions):
+        (path / f"{i:03d}.json").write_text(json.dumps({"captions": {"prompt": c}}))
+    return path
+
+
+def test_demo_encoders_refuse_captions_or_eval_prompts_longer_than_the_text_length(tmp_path, capsys):
+    import pytest
+
+    from t2i_train.demo_encoders import main
+
+    src = _caption_folder(tmp_path / "src", CAPTIONS)
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    long_prompt = "a photo of a green triangle left of a yellow diamond and a red circle above a blue square"
+    meta.write_text(json.dumps({"tag": "position", "prompt": long_prompt}) + "\n")
+    args = ["--captions", str(src), "--text-width", "32", "--max-length", "20"]
+    assert main([*args, "--out", str(tmp_path / "enc")]) == 0
+    out = capsys.readouterr().out
+    longest = int(out.split("longest caption ")[1].split(" of 20 tokens")[0])
+    assert 11 <= longest <= 20  # "a photo of a green triangle left of a yellow diamond" with <bos>
+    with pytest.raises(SystemExit, match="tokens, more than --max-length 20"):
+        main([*args, "--out", str(tmp_path / "enc2"), "--eval-metadata", str(meta)])
+    with pytest.raises(SystemExit, match=f"more than --max-length {longest - 1}"):
+        main(["--captions", str(src), "--out", str(tmp_path / "enc3"), "--text-width", "32",
+              "--max-length", str(longest - 1)])
