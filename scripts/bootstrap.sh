@@ -32,4 +32,12 @@ pipi -e ".[dev]"
 import torch
 assert torch.__version__.startswith("2.14.1"), f"unexpected torch {torch.__version__}"
 PY
+# DeepSpeed's CPU accelerator compiles its shared-memory communication op on first use (about a minute):
+# do it here, as part of set-up, so the first `deepspeed` launch (the demo's, a test's) does not pay for it.
+# Not fatal: only DeepSpeed runs on CPU need the op, and they would report the same compiler error.
+if ! DS_ACCELERATOR=cpu .venv/bin/python -c "
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >>"$log" 2>&1; then
+  echo "bootstrap: could not build DeepSpeed's CPU communication op now (see $log); its first use will try again" >&2
+fi
 echo "$want" > "$stamp"

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     steps.run("stage 2", ds(cfg2, stage2), skip=exported("demo_shapes_stage2"))
 
     sampling = ["--text-encoder", f"{enc}/gemma2-tiny", "--height", "48", "--width", "48", "--steps",
-                str(s["sample_steps"]), "--cfg", "3.0", "--sampler", "dpm_solver_2m", "--batch-size", "16",
+                str(s["sample_steps"]), "--cfg", "3.0", "--sampler", "dpm_solver_2m", "--batch-size", "48",
                 "--no-progress"]
     for model in ("demo_shapes_step0", "demo_shapes_stage2"):
         images = out / "geneval" / model

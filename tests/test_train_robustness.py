@@ -200,3 +200,15 @@ def test_shipped_configs_pass_the_preflight_checks(path):
         cfg = load_config(REPO / "configs" / path, [f"text.encoder=hash:{model_config['txt_dim']}"])
     check_text_encoder(cfg, model_config)
     check_buckets(cfg.data.loader)
+
+
+def test_progress_line_without_a_bar_reports_step_metrics_and_eta():
+    from t2i_train.engine.monitor import progress_line
+
+    line = progress_line(500, 2000, {"loss": 0.01234, "grad_norm": 0.031, "lr": 2e-3, "samples_per_s": 201.34,
+                                     "repa_loss": -0.9, "skipped": 0}, elapsed=100.0, steps_done=500)
+    assert line == ("[t2i-train] step 500/2000  loss 0.0123  repa -0.900  grad_norm 0.031  lr 2.00e-03  "
+                    "samples/s 201.3  eta 5:00")
+    # a diverged step says so; the last step has no ETA
+    line = progress_line(2000, 2000, {"loss": float("nan"), "lr": 1e-4, "skipped": 3}, elapsed=9.0, steps_done=3)
+    assert line == "[t2i-train] step 2000/2000  loss nan  lr 1.00e-04  skipped 3"

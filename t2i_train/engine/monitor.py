@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -40,10 +41,30 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def progress_line(step: int, max_steps: int, metrics: dict, elapsed: float, steps_done: int) -> str:
+    """One console line per logging step when there is no progress bar (`logging.tqdm: false`)."""
+    parts = [f"[t2i-train] step {step}/{max_steps}"]
+    for key, fmt in (("loss", "{:.4f}"), ("repa_loss", "{:.3f}"), ("grad_norm", "{:.3g}"), ("lr", "{:.2e}"),
+                     ("samples_per_s", "{:.1f}")):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(f"{key.replace('samples_per_s', 'samples/s').replace('repa_loss', 'repa')} "
+                         + fmt.format(value))
+        elif key in metrics:
+            parts.append(f"{key} {value}")
+    if metrics.get("skipped"):
+        parts.append(f"skipped {metrics['skipped']}")
+    if steps_done > 0 and max_steps > step:
+        eta = elapsed / steps_done * (max_steps - step)
+        parts.append(f"eta {int(eta // 60)}:{int(eta % 60):02d}")
+    return "  ".join(parts)
+
+
 class Monitor:
     def __init__(self, cfg, run_dir: Path, start_step: int, resolved: dict):
         self.enabled = d.is_main()
         self.kind = cfg.logging.report_to
+        self.max_steps, self.start_step, self.t_start = cfg.run.max_steps, start_step, time.time()
         self.file = None
         self.bar = None
         self.tb = None
@@ -79,6 +100,9 @@ class Monitor:
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None and "loss" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr', 0):.2e}")
+        elif self.bar is None and "loss" in metrics:
+            print(progress_line(step, self.max_steps, metrics, time.time() - self.t_start, step - self.start_step),
+                  flush=True)
 
     def log_image(self, step: int, path: Path) -> None:
         if not self.enabled:
