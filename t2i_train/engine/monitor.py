@@ -44,14 +44,12 @@ def peak_flops(device: torch.device) -> float | None:
 def progress_line(step: int, max_steps: int, metrics: dict, elapsed: float, steps_done: int) -> str:
     """One console line per logging step when there is no progress bar (`logging.tqdm: false`)."""
     parts = [f"[t2i-train] step {step}/{max_steps}"]
-    for key, fmt in (("loss", "{:.4f}"), ("repa_loss", "{:.3f}"), ("grad_norm", "{:.3g}"), ("lr", "{:.2e}"),
-                     ("samples_per_s", "{:.1f}")):
-        value = metrics.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            parts.append(f"{key.replace('samples_per_s', 'samples/s').replace('repa_loss', 'repa')} "
-                         + fmt.format(value))
-        elif key in metrics:
-            parts.append(f"{key} {value}")
+    for key, label, fmt in (("loss", "loss", ".4f"), ("repa_loss", "repa", ".3f"), ("grad_norm", "grad_norm", ".3g"),
+                            ("lr", "lr", ".2e"), ("samples_per_s", "samples/s", ".1f")):
+        if key in metrics:
+            value = metrics[key]
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            parts.append(f"{label} {format(value, fmt) if finite else value}")
     if metrics.get("skipped"):
         parts.append(f"skipped {metrics['skipped']}")
     if steps_done > 0 and max_steps > step:
