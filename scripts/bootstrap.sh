@@ -10,7 +10,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.pixeldit-install-stamp
 want="$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
+build_native() {
+  # The fused pixel kernels (t2i_train/csrc, C++): built once per machine and source into ~/.cache/pixeldit
+  # (about 20 s), so that the first training step does not pay for it. Not fatal: without a compiler the
+  # Python chunk loops run instead (t2i_train/models/native.py).
+  if ! .venv/bin/python -c "import sys; from t2i_train.models import native; sys.exit(0 if native.load() else 1)" \
+      >>"${log:-.venv/install.log}" 2>&1; then
+    echo "bootstrap: could not build the native pixel kernels (see .venv/install.log); the Python loops will run" >&2
+  fi
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  build_native
   exit 0
 fi
 log=.venv/install.log
@@ -40,4 +50,5 @@ from deepspeed.accelerator import get_accelerator
 get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" >>"$log" 2>&1; then
   echo "bootstrap: could not build DeepSpeed's CPU communication op now (see $log); its first use will try again" >&2
 fi
+build_native
 echo "$want" > "$stamp"

@@ -120,8 +120,23 @@ def test_shift_fold_only_where_it_saves_flops():
     assert executed < nominal
 
 
+def _backend(monkeypatch, backend):
+    """Select the fused path's kernels: "python" (the chunk loops) or "native" (models.native; skipped where
+    it cannot be built). Returns a list that records, per fused call, whether the native kernels ran."""
+    import t2i_train.models.fused as fused
+    from t2i_train.models import native
+
+    if backend == "native" and not native.load():
+        pytest.skip("native pixel kernels cannot be built here")
+    monkeypatch.setattr(fused, "NATIVE", None if backend == "native" else False)
+    ran = []
+    monkeypatch.setattr(fused, "_use_native", lambda *p, f=fused._use_native: ran.append(f(*p)) or ran[-1])
+    return ran
+
+
+@pytest.mark.parametrize("backend", ["python", "native"])
 @pytest.mark.parametrize("arch,width,threads", [("t2i", 48, 1), ("t2i", 48, 2), ("c2i", 48, 2), ("t2i", 96, 3)])
-def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, monkeypatch):
+def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, backend, monkeypatch):
     """Fused per-pixel sub-blocks (models.fused, hand-written chunked backwards: norm ⊙ scale (+ shift) before
     the compaction, gated attention residual + pixel MLP after it): outputs equal and every gradient within
     1e-5 of the op-by-op path (fp32; chunked parameter-gradient sums change only the summation order). Small
@@ -130,6 +145,7 @@ def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, monkey
     (per-thread parameter-gradient sums), and the intra-op thread count is restored afterwards."""
     import t2i_train.models.fused as fused
 
+    ran = _backend(monkeypatch, backend)
     monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)  # 2·(32/8)·(48/8)·64 = 3072 pixel rows: 4 chunks
     pools = []
     monkeypatch.setattr(fused, "_pool", lambda n, f=fused._pool: pools.append(n) or f(n))
@@ -140,13 +156,18 @@ def test_fused_pixel_path_gives_the_plain_gradients(arch, width, threads, monkey
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+    assert ran and all(r == (backend == "native") for r in ran)
+    if backend == "native":  # the native kernels thread themselves (ATen's intra-op pool), no Python threads
+        assert pools == []
+        return
     # forward and backward of every fused sub-block went through the thread pool (or none did, on one thread)
     assert len(pools) == (0 if threads == 1 else 2 * (2 * pixel_blocks + 1))
     # 2 threads, 4 chunks: 2 ranges (1 helper thread); 3 threads, 7 chunks: ranges of 3, 3, 1 (2 helpers)
     assert all(n == threads - 1 for n in pools)
 
 
-def test_fused_threads_under_inference_mode_and_fake_tensors(monkeypatch):
+@pytest.mark.parametrize("backend", ["python", "native"])
+def test_fused_threads_under_inference_mode_and_fake_tensors(backend, monkeypatch):
     """Sampling runs under torch.inference_mode and memory plans under FakeTensorMode; both are per-thread
     states. With 2 threads: under inference mode the helper threads enter it too (the output equals the
     one-thread output), and under fake tensors (a dispatch mode) or a device context (a function mode) the
@@ -155,6 +176,7 @@ def test_fused_threads_under_inference_mode_and_fake_tensors(monkeypatch):
 
     import t2i_train.models.fused as fused
 
+    ran = _backend(monkeypatch, backend)
     monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)
     model = _tiny("t2i").eval()
     torch.manual_seed(1)
@@ -168,14 +190,18 @@ def test_fused_threads_under_inference_mode_and_fake_tensors(monkeypatch):
             torch.set_num_threads(threads)
             with torch.inference_mode():
                 outs[threads] = model(x, t, cond, mask)
-        assert pools and torch.allclose(outs[2], outs[1], rtol=0, atol=1e-6)
+        assert (pools == []) if backend == "native" else pools
+        assert torch.allclose(outs[2], outs[1], rtol=0, atol=1e-6)
+        assert ran and all(r == (backend == "native") for r in ran)
         pools.clear()
+        ran.clear()
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = model(mode.from_tensor(x), mode.from_tensor(t), mode.from_tensor(cond), None)
         assert fake.shape == x.shape and pools == []
         with torch.device("cpu"), torch.no_grad():  # a function mode: also one thread
             model(x, t, cond, mask)
         assert pools == []
+        assert ran and not any(ran)  # under a mode the Python loops run, native kernels or not
     finally:
         torch.set_num_threads(before)
 
@@ -204,13 +230,15 @@ def _fused_matches_plain(arch, width, monkeypatch):
     return len(model.pixel_blocks)
 
 
+@pytest.mark.parametrize("backend", ["python", "native"])
 @pytest.mark.parametrize("width", [48, 96])
-def test_fused_pixel_path_under_bf16_autocast(width, monkeypatch):
+def test_fused_pixel_path_under_bf16_autocast(width, backend, monkeypatch):
     """Under bf16 autocast the fused sub-blocks round where the op-by-op path does: the output is the same
     and the gradients are as close to the float32 gradients as the op-by-op path's (within 1.25× its
     relative error + 1e-3)."""
     import t2i_train.models.fused as fused
 
+    ran = _backend(monkeypatch, backend)
     monkeypatch.setattr(fused, "CHUNK_ROWS", 1000)
     model = _tiny("t2i")
     torch.manual_seed(1)
@@ -229,3 +257,4 @@ def test_fused_pixel_path_under_bf16_autocast(width, monkeypatch):
     err_plain = ((g_plain - g32).norm() / g32.norm()).item()
     err_fused = ((g_fused - g32).norm() / g32.norm()).item()
     assert err_fused <= 1.25 * err_plain + 1e-3, (err_fused, err_plain)
+    assert ran and all(r == (backend == "native") for r in ran)

@@ -30,6 +30,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as _ckpt
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode_temporarily
 
+from . import native
+
+# None: the native kernels (models.native) where they load, else the Python chunk loops; False: always the loops
+NATIVE: bool | None = None
+
 # Pixel rows per chunk: the 4·D_pix-wide hidden activation of a chunk (4096 × 64 × 4 bytes) stays in a 1 MB L2
 # (one core, forward + backward of 262144 rows: 0.13 s in 4096-row chunks, 0.18 s in 1024, 0.15 s in 32768).
 CHUNK_ROWS = 4096
@@ -55,6 +60,22 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL[0]
 
 
+def _moded() -> bool:
+    """A dispatch or function mode is active (fake tensors for memory plans, tracing, device contexts)."""
+    return bool(_get_current_dispatch_mode_stack()) or torch._C._len_torch_function_stack() > 0
+
+
+def _use_native(*params) -> bool:
+    """Whether this call runs the native kernels: enabled, outside any mode (they have no fake or traced
+    form), float32 parameters, and the library loads (built on first use)."""
+    return NATIVE is not False and not _moded() and all(p.dtype == torch.float32 for p in params) \
+        and native.load()
+
+
+def _rows(t, D, dtype):
+    return t.reshape(-1, D).to(dtype).contiguous()
+
+
 def _for_chunks(n: int, body, accumulators=()):
     """body(i, j, accs) for every chunk of rows [i, j) of n, where accs are float32 zeros shaped like
     `accumulators` (parameter-gradient sums); returns those sums over all chunks.
@@ -70,7 +91,7 @@ def _for_chunks(n: int, body, accumulators=()):
     n_chunks = -(-n // CHUNK_ROWS)
     # dispatch and function modes (fake tensors for memory plans, tracing, device contexts) are per thread:
     # under one, stay on this thread
-    moded = bool(_get_current_dispatch_mode_stack()) or torch._C._len_torch_function_stack() > 0
+    moded = _moded()
     workers = 1 if moded else min(threads, n_chunks)
     per = -(-n_chunks // max(workers, 1)) * CHUNK_ROWS
     ranges = [(a, min(a + per, n)) for a in range(0, n, per)] or [(0, 0)]
@@ -151,8 +172,6 @@ class _NormScale(torch.autograd.Function):
         xf, sc = x.reshape(-1, D), scale.reshape(-1, D)
         sh = shift.reshape(-1, D) if shift is not None else None
         N = xf.shape[0]
-        u = torch.empty_like(xf)
-        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
 
         def body(i, j, _):
             n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
@@ -162,7 +181,14 @@ class _NormScale(torch.autograd.Function):
                 torch.addcmul(sh[i:j].float(), n, sc[i:j], out=u[i:j])
 
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            _for_chunks(N, body)
+            if _use_native(norm_w):
+                xf, sc = xf.contiguous(), sc.contiguous()
+                u, rstd = torch.ops.pixdit_fused.norm_scale_fwd(
+                    xf, sh.contiguous() if sh is not None else None, sc, norm_w, eps)
+            else:
+                u = torch.empty_like(xf)
+                rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+                _for_chunks(N, body)
         ctx.save_for_backward(xf, sc, rstd, norm_w)
         ctx.shape = shape
         return u.view(shape)
@@ -173,8 +199,6 @@ class _NormScale(torch.autograd.Function):
         D, cd = xf.shape[-1], xf.dtype
         G = grad_u.reshape(-1, D)
         N = xf.shape[0]
-        dx = torch.empty_like(xf)
-        dscale = torch.empty_like(xf)
 
         def body(i, j, accs):
             r, Gc = rstd[i:j], G[i:j].float()
@@ -183,7 +207,12 @@ class _NormScale(torch.autograd.Function):
             dx[i:j] = _norm_backward(xh, nb, r, Gc * sc[i:j], norm_w, accs[0], cd)
 
         with torch.autocast(xf.device.type, enabled=False):
-            (dnw,) = _for_chunks(N, body, (norm_w,))
+            if _use_native(norm_w):
+                dx, dscale, dnw = torch.ops.pixdit_fused.norm_scale_bwd(_rows(grad_u, D, cd), xf, sc, rstd, norm_w)
+            else:
+                dx = torch.empty_like(xf)
+                dscale = torch.empty_like(xf)
+                (dnw,) = _for_chunks(N, body, (norm_w,))
         shape = ctx.shape
         grads = (dx.view(shape), grad_u.to(cd).view(shape), dscale.view(shape), dnw.to(norm_w.dtype), None)
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
@@ -200,10 +229,6 @@ class _PixelMLPResidual(torch.autograd.Function):
         shape, D, cd = x.shape, x.shape[-1], x.dtype
         xf, hf, g1, sh, sc, gt = (t.reshape(-1, D) for t in (x, h, gate1, shift, scale, gate))
         N = xf.shape[0]
-        y = torch.empty_like(xf)
-        out = torch.empty_like(xf)
-        m = torch.empty_like(xf)
-        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
         def body(i, j, _):
             yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j])
@@ -213,7 +238,16 @@ class _PixelMLPResidual(torch.autograd.Function):
             torch.addcmul(yc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
 
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            _for_chunks(N, body)
+            if _use_native(norm_w, w1, b1, w2, b2):
+                xf, hf, g1, sh, sc, gt = (t.contiguous() for t in (xf, hf, g1, sh, sc, gt))
+                out, y, m, rstd = torch.ops.pixdit_fused.mlp_residual_fwd(xf, hf, g1, sh, sc, gt, norm_w, w1, b1,
+                                                                          w2, b2, eps)
+            else:
+                y = torch.empty_like(xf)
+                out = torch.empty_like(xf)
+                m = torch.empty_like(xf)
+                rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+                _for_chunks(N, body)
         ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
         ctx.shape = shape
         return out.view(shape)
@@ -224,11 +258,6 @@ class _PixelMLPResidual(torch.autograd.Function):
         D, cd = y.shape[-1], y.dtype
         G = grad_out.reshape(-1, D)
         N = y.shape[0]
-        dy = torch.empty_like(y)
-        dshift = torch.empty_like(y)
-        dscale = torch.empty_like(y)
-        dgate = torch.empty_like(y)
-        dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
         w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
         w1t, w2t = w1c.t(), w2c.t()
 
@@ -253,7 +282,17 @@ class _PixelMLPResidual(torch.autograd.Function):
             torch.mul(dyc, g1[i:j], out=dh[i:j])
 
         with torch.autocast(y.device.type, enabled=False):
-            dnw, dw1, db1, dw2, db2 = _for_chunks(N, body, (norm_w, w1, b1, w2, b2))
+            if _use_native(norm_w, w1, b1, w2, b2):
+                dy, dh, dgate1, dshift, dscale, dgate, dnw, dw1, db1, dw2, db2 = \
+                    torch.ops.pixdit_fused.mlp_residual_bwd(_rows(grad_out, D, cd), y, sc, gt, m, rstd, norm_w,
+                                                            w1, b1, w2, b2, hf, g1)
+            else:
+                dy = torch.empty_like(y)
+                dshift = torch.empty_like(y)
+                dscale = torch.empty_like(y)
+                dgate = torch.empty_like(y)
+                dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
+                dnw, dw1, db1, dw2, db2 = _for_chunks(N, body, (norm_w, w1, b1, w2, b2))
         shape = ctx.shape
         grads = [dy.view(shape), dh.view(shape), dgate1.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
                  dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None]
@@ -269,15 +308,19 @@ class _NormLinear(torch.autograd.Function):
         D, cd = x.shape[-1], x.dtype
         xf = x.reshape(-1, D)
         N = xf.shape[0]
-        out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
-        rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
         wt, bc = weight.to(cd).t(), bias.to(cd)
         def body(i, j, _):
             n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
             torch.addmm(bc, n.to(cd), wt, out=out[i:j])
 
         with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            _for_chunks(N, body)
+            if _use_native(norm_w, weight, bias):
+                xf = xf.contiguous()
+                out, rstd = torch.ops.pixdit_fused.norm_linear_fwd(xf, norm_w, weight.contiguous(), bias, eps)
+            else:
+                out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
+                rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
+                _for_chunks(N, body)
         ctx.save_for_backward(xf, rstd, norm_w, weight, bias)
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], -1)
@@ -288,8 +331,6 @@ class _NormLinear(torch.autograd.Function):
         D, cd = xf.shape[-1], xf.dtype
         G = grad_out.reshape(-1, weight.shape[0])
         N = xf.shape[0]
-        dx = torch.empty_like(xf)
-        wc = weight.to(cd)
 
         def body(i, j, accs):
             dnw, dw, db = accs
@@ -300,7 +341,13 @@ class _NormLinear(torch.autograd.Function):
             dx[i:j] = _norm_backward(xh, nb, r, torch.mm(Gc, wc).float(), norm_w, dnw, cd)
 
         with torch.autocast(xf.device.type, enabled=False):
-            dnw, dw, db = _for_chunks(N, body, (norm_w, weight, bias))
+            if _use_native(norm_w, weight, bias):
+                dx, dnw, dw, db = torch.ops.pixdit_fused.norm_linear_bwd(
+                    _rows(grad_out, weight.shape[0], cd), xf, rstd, norm_w, weight.contiguous())
+            else:
+                dx = torch.empty_like(xf)
+                wc = weight.to(cd)
+                dnw, dw, db = _for_chunks(N, body, (norm_w, weight, bias))
         grads = (dx.view(ctx.shape), dnw.to(norm_w.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 

@@ -1,0 +1,497 @@
+// Native CPU kernels of the fused per-pixel sub-blocks of the PiT block (see t2i_train/models/fused.py, whose
+// Python chunk loops compute the same values with the same rounding points; that module documents the
+// mathematics). Each kernel runs its rows in CHUNK-row chunks spread over ATen's intra-op threads (one
+// contiguous range of chunks per thread, so the partial parameter-gradient sums, added in range order at the
+// end, do not depend on scheduling). The elementwise work of a chunk is one pass per row in float32; the
+// chunk's small matmuls and GELU are ATen calls, run single-threaded inside the parallel region.
+//
+// Activations are float32, or bfloat16 under autocast (the compute dtype `cd`); parameters are float32.
+// R(v) below is v rounded to `cd` (the identity in float32).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 4096;
+
+// Loads and stores between the activation dtype T and float32. The bfloat16 rounding is round-to-nearest-even
+// (NaN kept quiet), as c10::BFloat16's, written without branches so that the channel loops vectorise.
+inline float ld(float v) { return v; }
+inline float ld(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T>
+inline T st(float v);
+template <>
+inline float st<float>(float v) { return v; }
+template <>
+inline c10::BFloat16 st<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
+  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+template <typename T>
+inline float R(float v) { return ld(st<T>(v)); }
+
+// Splits n rows into at most `ranges` contiguous ranges of whole chunks and runs body(range index, begin, end) for
+// each, one range per intra-op thread.
+template <typename F>
+void for_ranges(int64_t n, int64_t chunk, int64_t ranges, const F& body) {
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  const int64_t per = ((n_chunks + ranges - 1) / ranges) * chunk;
+  // the ATen calls inside run in the caller's grad, inference and dispatch states (thread-local)
+  const at::ThreadLocalState state;
+  at::parallel_for(0, ranges, 1, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t lo = k * per, hi = std::min(n, lo + per);
+      if (lo < hi) body(k, lo, hi);
+    }
+  });
+}
+
+int64_t n_ranges(int64_t n, int64_t chunk) {
+  const int64_t n_chunks = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+}
+
+// Sum over the first dimension of per-range partials [ranges, ...] in range order.
+at::Tensor sum_ranges(const at::Tensor& parts) {
+  at::Tensor total = parts[0].clone();
+  for (int64_t k = 1; k < parts.size(0); ++k) total.add_(parts[k]);
+  return total;
+}
+
+// The channel count: a compile-time constant DC (16, the released models' D_pix) so that channel loops unroll
+// and vectorise, or the runtime D (DC = 0).
+#define CHANNELS const int64_t D = DC ? DC : D_
+#define CHANNEL_LOOP _Pragma("omp simd") for (int64_t c = 0; c < D; ++c)
+
+// rstd of one row (fused_rms_norm's: 1/sqrt(mean(x²) + eps) in float32).
+template <typename T, int DC>
+inline float row_rstd(const T* x, int64_t D_, float eps) {
+  CHANNELS;
+  float ss = 0.f;
+  _Pragma("omp simd reduction(+ : ss)") for (int64_t c = 0; c < D; ++c) {
+    const float v = ld(x[c]);
+    ss += v * v;
+  }
+  return 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+}
+
+// Backward of n = R(x·r)·w for one row, given xh = x·r, nb = R(xh) and dn = d n (float32): accumulates d w
+// into dnw and writes d x (float32) to dx.
+template <typename T, int DC>
+inline void row_norm_backward(const float* xh, const float* nb, const float* dn, const float* w, float r,
+                              int64_t D_, float* dnw, float* dx) {
+  CHANNELS;
+  float dxh[DC ? DC : 1024];
+  float proj = 0.f;
+  _Pragma("omp simd reduction(+ : proj)") for (int64_t c = 0; c < D; ++c) {
+    dnw[c] += dn[c] * nb[c];
+    dxh[c] = R<T>(dn[c] * w[c]);
+    proj += dxh[c] * xh[c];
+  }
+  proj /= static_cast<float>(D);
+  CHANNEL_LOOP dx[c] = (dxh[c] - xh[c] * proj) * r;
+}
+
+// xh = x·r (float32) and nb = R(xh), the normalised row as the forward rounded it.
+template <typename T, int DC>
+inline void row_normalized(const T* x, float r, int64_t D_, float* xh, float* nb) {
+  CHANNELS;
+  CHANNEL_LOOP {
+    xh[c] = ld(x[c]) * r;
+    nb[c] = R<T>(xh[c]);
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t D, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(0) == N && t.size(1) == D && t.is_contiguous(),
+              name, ": expected a contiguous CPU tensor [", N, ", ", D, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+}
+
+void check_param(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kFloat, name,
+              ": expected a contiguous float32 CPU tensor");
+}
+
+void check_act(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "pixel_fused: float32 or bfloat16 activations, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= 1024, "pixel_fused: rows of at most 1024 channels");
+}
+
+// Calls KERNEL<T, DC>(args...) for the activation dtype of `x` and its channel count.
+#define DISPATCH(x, KERNEL, ...)                                                       \
+  do {                                                                                 \
+    const bool bf = (x).scalar_type() == at::kBFloat16, d16 = (x).size(1) == 16;       \
+    if (bf && d16) KERNEL<c10::BFloat16, 16>(__VA_ARGS__);                             \
+    else if (bf) KERNEL<c10::BFloat16, 0>(__VA_ARGS__);                                \
+    else if (d16) KERNEL<float, 16>(__VA_ARGS__);                                      \
+    else KERNEL<float, 0>(__VA_ARGS__);                                                \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------------------------
+// u = R(rmsnorm(x)·w ⊙ scale [+ shift])
+template <typename T, int DC>
+void norm_scale_fwd_impl(const at::Tensor& x, const c10::optional<at::Tensor>& shift, const at::Tensor& scale,
+                         const at::Tensor& w, double eps, at::Tensor& u, at::Tensor& rstd) {
+  const int64_t N = x.size(0), D_ = x.size(1);
+  CHANNELS;
+  const T* xp = x.data_ptr<T>();
+  const T* shp = shift.has_value() ? shift->data_ptr<T>() : nullptr;
+  const T* scp = scale.data_ptr<T>();
+  const float* wp = w.data_ptr<float>();
+  T* up = u.data_ptr<T>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t o = i * D;
+      const float r = row_rstd<T, DC>(xp + o, D, static_cast<float>(eps));
+      rp[i] = r;
+      if (shp) {
+        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * ld(scp[o + c]) + ld(shp[o + c]));
+      } else {
+        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * ld(scp[o + c]));
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> norm_scale_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& shift,
+                                       const at::Tensor& scale, const at::Tensor& w, double eps) {
+  check_act(x);
+  const int64_t N = x.size(0), D = x.size(1);
+  const auto cd = x.scalar_type();
+  check_rows(x, "x", N, D, cd);
+  check_rows(scale, "scale", N, D, cd);
+  if (shift.has_value()) check_rows(*shift, "shift", N, D, cd);
+  check_param(w, "norm weight");
+  at::Tensor u = at::empty_like(x);
+  at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
+  DISPATCH(x, norm_scale_fwd_impl, x, shift, scale, w, eps, u, rstd);
+  return {u, rstd};
+}
+
+template <typename T, int DC>
+void norm_scale_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& rstd,
+                         const at::Tensor& w, at::Tensor& dx, at::Tensor& dscale, at::Tensor& dnw_parts) {
+  const int64_t N = x.size(0), D_ = x.size(1);
+  CHANNELS;
+  const T *gp = G.data_ptr<T>(), *xp = x.data_ptr<T>(), *scp = scale.data_ptr<T>();
+  const float *rp = rstd.data_ptr<float>(), *wp = w.data_ptr<float>();
+  T *dxp = dx.data_ptr<T>(), *dsp = dscale.data_ptr<T>();
+  for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
+    float* dnw = dnw_parts.data_ptr<float>() + k * D;
+    float xh[DC ? DC : 1024], nb[DC ? DC : 1024], dn[DC ? DC : 1024], dxr[DC ? DC : 1024];
+    for (int64_t i = lo; i < hi; ++i) {
+      const float r = rp[i];
+      const int64_t o = i * D;
+      row_normalized<T, DC>(xp + o, r, D, xh, nb);
+      CHANNEL_LOOP {
+        const float g = ld(gp[o + c]);
+        dsp[o + c] = st<T>(g * (nb[c] * wp[c]));
+        dn[c] = g * ld(scp[o + c]);
+      }
+      row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
+      CHANNEL_LOOP dxp[o + c] = st<T>(dxr[c]);
+    }
+  });
+}
+
+std::vector<at::Tensor> norm_scale_bwd(const at::Tensor& G, const at::Tensor& x, const at::Tensor& scale,
+                                       const at::Tensor& rstd, const at::Tensor& w) {
+  check_act(x);
+  const int64_t N = x.size(0), D = x.size(1);
+  const auto cd = x.scalar_type();
+  check_rows(G, "grad", N, D, cd);
+  check_rows(scale, "scale", N, D, cd);
+  check_rows(rstd, "rstd", N, 1, at::kFloat);
+  check_param(w, "norm weight");
+  at::Tensor dx = at::empty_like(x), dscale = at::empty_like(x);
+  at::Tensor parts = at::zeros({n_ranges(N, kChunk), D}, x.options().dtype(at::kFloat));
+  DISPATCH(x, norm_scale_bwd_impl, G, x, scale, rstd, w, dx, dscale, parts);
+  return {dx, dscale, sum_ranges(parts)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// y = R(x + gate1 ⊙ h); m = R(rmsnorm(y)·w ⊙ scale + shift); out = R(y + gate ⊙ fc2(gelu(fc1(m))))
+template <typename T, int DC>
+void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1, const at::Tensor& sh,
+                  const at::Tensor& sc, const at::Tensor& gt, const at::Tensor& w, const at::Tensor& w1t,
+                  const at::Tensor& b1c, const at::Tensor& w2t, const at::Tensor& b2c, double eps, at::Tensor& y,
+                  at::Tensor& m, at::Tensor& out, at::Tensor& rstd) {
+  const int64_t N = x.size(0), D_ = x.size(1);
+  CHANNELS;
+  const T *xp = x.data_ptr<T>(), *hp = h.data_ptr<T>(), *g1p = g1.data_ptr<T>(), *shp = sh.data_ptr<T>(),
+          *scp = sc.data_ptr<T>(), *gtp = gt.data_ptr<T>();
+  const float* wp = w.data_ptr<float>();
+  T *yp = y.data_ptr<T>(), *mp = m.data_ptr<T>(), *op = out.data_ptr<T>();
+  float* rp = rstd.data_ptr<float>();
+  const float fe = static_cast<float>(eps);
+  for_ranges(N, kChunk, n_ranges(N, kChunk), [&](int64_t, int64_t lo, int64_t hi) {
+    for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
+      const int64_t i1 = std::min(hi, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = i * D;
+        CHANNEL_LOOP yp[o + c] = st<T>(ld(xp[o + c]) + ld(g1p[o + c]) * ld(hp[o + c]));
+        const float r = row_rstd<T, DC>(yp + o, D, fe);
+        rp[i] = r;
+        CHANNEL_LOOP mp[o + c] = st<T>(ld(shp[o + c]) + R<T>(ld(yp[o + c]) * r) * wp[c] * ld(scp[o + c]));
+      }
+      at::Tensor a = at::gelu(at::addmm(b1c, m.narrow(0, i0, i1 - i0), w1t));
+      at::Tensor mo = at::addmm(b2c, a, w2t);
+      const T* mop = mo.data_ptr<T>() - i0 * D;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = i * D;
+        CHANNEL_LOOP op[o + c] = st<T>(ld(yp[o + c]) + ld(gtp[o + c]) * ld(mop[o + c]));
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> mlp_residual_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1,
+                                         const at::Tensor& sh, const at::Tensor& sc, const at::Tensor& gt,
+                                         const at::Tensor& w, const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2, double eps) {
+  check_act(x);
+  const int64_t N = x.size(0), D = x.size(1);
+  const auto cd = x.scalar_type();
+  for (auto* p : {&x, &h, &g1, &sh, &sc, &gt}) check_rows(*p, "activation", N, D, cd);
+  for (auto* p : {&w, &w1, &b1, &w2, &b2}) check_param(*p, "parameter");
+  at::Tensor y = at::empty_like(x), m = at::empty_like(x), out = at::empty_like(x);
+  at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
+  at::Tensor w1t = w1.to(cd).t(), b1c = b1.to(cd), w2t = w2.to(cd).t(), b2c = b2.to(cd);
+  DISPATCH(x, mlp_fwd_impl, x, h, g1, sh, sc, gt, w, w1t, b1c, w2t, b2c, eps, y, m, out, rstd);
+  return {out, y, m, rstd};
+}
+
+template <typename T, int DC>
+void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& gt,
+                  const at::Tensor& m, const at::Tensor& rstd, const at::Tensor& w, const at::Tensor& w1c,
+                  const at::Tensor& b1c, const at::Tensor& w2c, const at::Tensor& b2c, const at::Tensor& h,
+                  const at::Tensor& g1, at::Tensor& dy, at::Tensor& dh, at::Tensor& dg1, at::Tensor& dsh,
+                  at::Tensor& dsc, at::Tensor& dgt, at::Tensor& dnw_parts, at::Tensor& dw1_parts,
+                  at::Tensor& db1_parts, at::Tensor& dw2_parts, at::Tensor& db2_parts) {
+  const int64_t N = y.size(0), D_ = y.size(1);
+  CHANNELS;
+  const at::Tensor w1t = w1c.t(), w2t = w2c.t();
+  const T *gp = G.data_ptr<T>(), *yp = y.data_ptr<T>(), *scp = sc.data_ptr<T>(), *gtp = gt.data_ptr<T>(),
+          *hp = h.data_ptr<T>(), *g1p = g1.data_ptr<T>();
+  const float *rp = rstd.data_ptr<float>(), *wp = w.data_ptr<float>();
+  T *dyp = dy.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dg1p = dg1.data_ptr<T>(), *dscp = dsc.data_ptr<T>(),
+    *dgtp = dgt.data_ptr<T>();
+  for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
+    float* dnw = dnw_parts.data_ptr<float>() + k * D;
+    at::Tensor dw1 = dw1_parts[k], db1 = db1_parts[k], dw2 = dw2_parts[k], db2 = db2_parts[k];
+    float xh[DC ? DC : 1024], nb[DC ? DC : 1024], dn[DC ? DC : 1024], dxr[DC ? DC : 1024];
+    for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
+      const int64_t i1 = std::min(hi, i0 + kChunk), rows = i1 - i0;
+      at::Tensor mc = m.narrow(0, i0, rows);
+      at::Tensor pre = at::addmm(b1c, mc, w1t);
+      at::Tensor act = at::gelu(pre);
+      at::Tensor mo = at::addmm(b2c, act, w2t);
+      at::Tensor dmlp = at::empty({rows, D}, y.options());
+      const T* mop = mo.data_ptr<T>() - i0 * D;
+      T* dmp = dmlp.data_ptr<T>() - i0 * D;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = i * D;
+        CHANNEL_LOOP {
+          const float g = ld(gp[o + c]);
+          dgtp[o + c] = st<T>(g * ld(mop[o + c]));
+          dmp[o + c] = st<T>(g * ld(gtp[o + c]));
+        }
+      }
+      dw2.add_(at::mm(dmlp.t(), act));
+      db2.add_(dmlp.sum(0, /*keepdim=*/false, at::kFloat));
+      at::Tensor da = at::gelu_backward(at::mm(dmlp, w2c), pre);
+      dw1.add_(at::mm(da.t(), mc));
+      db1.add_(da.sum(0, /*keepdim=*/false, at::kFloat));
+      at::Tensor dsh_c = dsh.narrow(0, i0, rows);
+      at::mm_out(dsh_c, da, w1c);
+      const T* dmp2 = dsh.data_ptr<T>();
+      for (int64_t i = i0; i < i1; ++i) {
+        const float r = rp[i];
+        const int64_t o = i * D;
+        row_normalized<T, DC>(yp + o, r, D, xh, nb);
+        CHANNEL_LOOP {
+          const float dm = ld(dmp2[o + c]);
+          dscp[o + c] = st<T>(dm * nb[c] * wp[c]);
+          dn[c] = dm * ld(scp[o + c]);
+        }
+        row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
+        CHANNEL_LOOP {
+          const float dyc = R<T>(ld(gp[o + c]) + dxr[c]);
+          dyp[o + c] = st<T>(dyc);
+          dg1p[o + c] = st<T>(dyc * ld(hp[o + c]));
+          dhp[o + c] = st<T>(dyc * ld(g1p[o + c]));
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> mlp_residual_bwd(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc,
+                                         const at::Tensor& gt, const at::Tensor& m, const at::Tensor& rstd,
+                                         const at::Tensor& w, const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& h,
+                                         const at::Tensor& g1) {
+  check_act(y);
+  const int64_t N = y.size(0), D = y.size(1);
+  const auto cd = y.scalar_type();
+  for (auto* p : {&G, &sc, &gt, &m, &h, &g1}) check_rows(*p, "activation", N, D, cd);
+  check_rows(rstd, "rstd", N, 1, at::kFloat);
+  for (auto* p : {&w, &w1, &b1, &w2, &b2}) check_param(*p, "parameter");
+  const int64_t T = n_ranges(N, kChunk);
+  auto f32 = y.options().dtype(at::kFloat);
+  at::Tensor dnw = at::zeros({T, D}, f32), dw1 = at::zeros({T, w1.size(0), w1.size(1)}, f32),
+             db1 = at::zeros({T, b1.size(0)}, f32), dw2 = at::zeros({T, w2.size(0), w2.size(1)}, f32),
+             db2 = at::zeros({T, b2.size(0)}, f32);
+  at::Tensor dy = at::empty_like(y), dh = at::empty_like(y), dg1 = at::empty_like(y), dsh = at::empty_like(y),
+             dsc = at::empty_like(y), dgt = at::empty_like(y);
+  at::Tensor w1c = w1.to(cd), b1c = b1.to(cd), w2c = w2.to(cd), b2c = b2.to(cd);
+  DISPATCH(y, mlp_bwd_impl, G, y, sc, gt, m, rstd, w, w1c, b1c, w2c, b2c, h, g1, dy, dh, dg1, dsh, dsc, dgt, dnw,
+           dw1, db1, dw2, db2);
+  return {dy, dh, dg1, dsh, dsc, dgt, sum_ranges(dnw), sum_ranges(dw1), sum_ranges(db1), sum_ranges(dw2),
+          sum_ranges(db2)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// out = R(R(rmsnorm(x)·w) @ R(W)ᵀ + R(b)) for a narrow linear (the final layer)
+template <typename T, int DC>
+void norm_linear_fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& W, const at::Tensor& b,
+                          double eps, at::Tensor& out, at::Tensor& rstd) {
+  const int64_t N = x.size(0), D_ = x.size(1), O = W.size(0);
+  CHANNELS;
+  const T* xp = x.data_ptr<T>();
+  const float *wp = w.data_ptr<float>(), *Wp = W.data_ptr<float>(), *bp = b.data_ptr<float>();
+  std::vector<float> Wr(O * D), br(O);
+  for (int64_t k = 0; k < O * D; ++k) Wr[k] = R<T>(Wp[k]);
+  for (int64_t o = 0; o < O; ++o) br[o] = R<T>(bp[o]);
+  T* op = out.data_ptr<T>();
+  float* rp = rstd.data_ptr<float>();
+  const float fe = static_cast<float>(eps);
+  at::parallel_for(0, N, 1024, [&](int64_t b0, int64_t e) {
+    float n[DC ? DC : 1024];
+    for (int64_t i = b0; i < e; ++i) {
+      const T* xr = xp + i * D;
+      const float r = row_rstd<T, DC>(xr, D, fe);
+      rp[i] = r;
+      CHANNEL_LOOP n[c] = R<T>(R<T>(ld(xr[c]) * r) * wp[c]);
+      for (int64_t o = 0; o < O; ++o) {
+        const float* Wo = Wr.data() + o * D;
+        float acc = 0.f;
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < D; ++c) acc += n[c] * Wo[c];
+        op[i * O + o] = st<T>(acc + br[o]);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> norm_linear_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& W,
+                                        const at::Tensor& b, double eps) {
+  check_act(x);
+  const int64_t N = x.size(0), D = x.size(1);
+  const auto cd = x.scalar_type();
+  check_rows(x, "x", N, D, cd);
+  for (auto* p : {&w, &W, &b}) check_param(*p, "parameter");
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == D, "norm_linear: weight [out, ", D, "]");
+  at::Tensor out = at::empty({N, W.size(0)}, x.options());
+  at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
+  DISPATCH(x, norm_linear_fwd_impl, x, w, W, b, eps, out, rstd);
+  return {out, rstd};
+}
+
+template <typename T, int DC>
+void norm_linear_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& w,
+                          const at::Tensor& W, at::Tensor& dx, at::Tensor& dnw_parts, at::Tensor& dW_parts,
+                          at::Tensor& db_parts) {
+  const int64_t N = x.size(0), D_ = x.size(1), O = W.size(0);
+  CHANNELS;
+  const T *gp = G.data_ptr<T>(), *xp = x.data_ptr<T>();
+  const float *rp = rstd.data_ptr<float>(), *wp = w.data_ptr<float>(), *Wp = W.data_ptr<float>();
+  std::vector<float> Wr(O * D);
+  for (int64_t k = 0; k < O * D; ++k) Wr[k] = R<T>(Wp[k]);
+  T* dxp = dx.data_ptr<T>();
+  for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
+    float* dnw = dnw_parts.data_ptr<float>() + k * D;
+    float* dW = dW_parts.data_ptr<float>() + k * O * D;
+    float* db = db_parts.data_ptr<float>() + k * O;
+    float xh[DC ? DC : 1024], nb[DC ? DC : 1024], v[DC ? DC : 1024], dn[DC ? DC : 1024], dxr[DC ? DC : 1024];
+    for (int64_t i = lo; i < hi; ++i) {
+      const float r = rp[i];
+      const int64_t o = i * D;
+      row_normalized<T, DC>(xp + o, r, D, xh, nb);
+      CHANNEL_LOOP {
+        v[c] = R<T>(nb[c] * wp[c]);
+        dn[c] = 0.f;
+      }
+      for (int64_t q = 0; q < O; ++q) {
+        const float g = ld(gp[i * O + q]);
+        db[q] += g;
+        float* dWq = dW + q * D;
+        const float* Wq = Wr.data() + q * D;
+        CHANNEL_LOOP {
+          dWq[c] += g * v[c];
+          dn[c] += g * Wq[c];
+        }
+      }
+      CHANNEL_LOOP dn[c] = R<T>(dn[c]);
+      row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
+      CHANNEL_LOOP dxp[o + c] = st<T>(dxr[c]);
+    }
+  });
+}
+
+std::vector<at::Tensor> norm_linear_bwd(const at::Tensor& G, const at::Tensor& x, const at::Tensor& rstd,
+                                        const at::Tensor& w, const at::Tensor& W) {
+  check_act(x);
+  const int64_t N = x.size(0), D = x.size(1), O = W.size(0);
+  const auto cd = x.scalar_type();
+  check_rows(G, "grad", N, O, cd);
+  check_rows(rstd, "rstd", N, 1, at::kFloat);
+  for (auto* p : {&w, &W}) check_param(*p, "parameter");
+  const int64_t T = n_ranges(N, kChunk);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dnw = at::zeros({T, D}, f32), dW = at::zeros({T, O, D}, f32), db = at::zeros({T, O}, f32);
+  at::Tensor dx = at::empty_like(x);
+  DISPATCH(x, norm_linear_bwd_impl, G, x, rstd, w, W, dx, dnw, dW, db);
+  return {dx, sum_ranges(dnw), sum_ranges(dW), sum_ranges(db)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pixdit_fused, m) {
+  m.def("norm_scale_fwd(Tensor x, Tensor? shift, Tensor scale, Tensor w, float eps) -> Tensor[]");
+  m.def("norm_scale_bwd(Tensor grad, Tensor x, Tensor scale, Tensor rstd, Tensor w) -> Tensor[]");
+  m.def("mlp_residual_fwd(Tensor x, Tensor h, Tensor gate1, Tensor shift, Tensor scale, Tensor gate, Tensor w, "
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float eps) -> Tensor[]");
+  m.def("mlp_residual_bwd(Tensor grad, Tensor y, Tensor scale, Tensor gate, Tensor m, Tensor rstd, Tensor w, "
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor h, Tensor gate1) -> Tensor[]");
+  m.def("norm_linear_fwd(Tensor x, Tensor w, Tensor weight, Tensor bias, float eps) -> Tensor[]");
+  m.def("norm_linear_bwd(Tensor grad, Tensor x, Tensor rstd, Tensor w, Tensor weight) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(pixdit_fused, CPU, m) {
+  m.impl("norm_scale_fwd", &norm_scale_fwd);
+  m.impl("norm_scale_bwd", &norm_scale_bwd);
+  m.impl("mlp_residual_fwd", &mlp_residual_fwd);
+  m.impl("mlp_residual_bwd", &mlp_residual_bwd);
+  m.impl("norm_linear_fwd", &norm_linear_fwd);
+  m.impl("norm_linear_bwd", &norm_linear_bwd);
+}
