@@ -13,6 +13,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,10 +27,7 @@ constexpr int64_t kChunk = 4096;
 // (NaN kept quiet), as c10::BFloat16's, written without branches so that the channel loops vectorise.
 inline float ld(float v) { return v; }
 inline float ld(c10::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
 }
 template <typename T>
 inline T st(float v);
@@ -37,14 +35,45 @@ template <>
 inline float st<float>(float v) { return v; }
 template <>
 inline c10::BFloat16 st<c10::BFloat16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
   uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
   return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
 }
 template <typename T>
 inline float R(float v) { return ld(st<T>(v)); }
+
+// exp(x) for x <= 0 (Cephes expf: Cody-Waite reduction, degree-6 polynomial; relative error ~1e-7), written
+// without calls or branches so that loops over it vectorise (built without -ffast-math: the rounding trick
+// below must not be folded).
+inline float exp_nonpos(float x) {
+  x = x < -87.f ? -87.f : x;
+  // n = round(x·log2 e) by the 1.5·2²³ trick (exact for |n| < 2²², vectorises where floorf does not)
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// The exact (erf) GELU of x and its derivative: gelu = x·Φ(x), gelu' = Φ(x) + x·φ(x), with erf by Abramowitz &
+// Stegun 7.1.26 (|error| < 1.5e-7; the formula of ATen's vectorised erf). Φ and φ share one exp(-x²/2); inlined
+// side by side the compiler computes it once (no references or aggregates, which would stop vectorisation).
+inline float gelu_cdf(float x, float e) {
+  const float t = 1.f / (1.f + 0.3275911f * 0.70710678118654752f * std::fabs(x));
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
+                                                                                      t * 1.061405429f))));
+  const float erf_abs = 1.f - poly * e;
+  return 0.5f * (1.f + (x < 0.f ? -erf_abs : erf_abs));
+}
+inline float gelu_exp(float x) { return exp_nonpos(-0.5f * x * x); }
+inline float gelu(float x) { return x * gelu_cdf(x, gelu_exp(x)); }
+inline float gelu_grad(float x, float cdf, float e) { return cdf + x * e * 0.39894228040143268f; }
 
 // Splits n rows into at most `ranges` contiguous ranges of whole chunks and runs body(range index, begin, end) for
 // each, one range per intra-op thread.
@@ -244,6 +273,7 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
   T *yp = y.data_ptr<T>(), *mp = m.data_ptr<T>(), *op = out.data_ptr<T>();
   float* rp = rstd.data_ptr<float>();
   const float fe = static_cast<float>(eps);
+  const int64_t H = w1t.size(1);
   for_ranges(N, kChunk, n_ranges(N, kChunk), [&](int64_t, int64_t lo, int64_t hi) {
     for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
       const int64_t i1 = std::min(hi, i0 + kChunk);
@@ -254,7 +284,16 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
         rp[i] = r;
         CHANNEL_LOOP mp[o + c] = st<T>(ld(shp[o + c]) + R<T>(ld(yp[o + c]) * r) * wp[c] * ld(scp[o + c]));
       }
-      at::Tensor a = at::gelu(at::addmm(b1c, m.narrow(0, i0, i1 - i0), w1t));
+      // fc1 (bias added in the GEMM's float32 accumulator, one rounding as in autocast), then GELU in place
+      at::Tensor a = at::addmm(b1c, m.narrow(0, i0, i1 - i0), w1t);
+      T* ap = a.data_ptr<T>();
+      const int64_t rows = i1 - i0;
+      for (int64_t i = 0; i < rows; ++i) {
+        T* __restrict ar = ap + i * H;
+        _Pragma("omp simd") for (int64_t q = 0; q < H; ++q) {
+          ar[q] = st<T>(gelu(ld(ar[q])));
+        }
+      }
       at::Tensor mo = at::addmm(b2c, a, w2t);
       const T* mop = mo.data_ptr<T>() - i0 * D;
       for (int64_t i = i0; i < i1; ++i) {
@@ -291,6 +330,7 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
   const int64_t N = y.size(0), D_ = y.size(1);
   CHANNELS;
   const at::Tensor w1t = w1c.t(), w2t = w2c.t();
+  const int64_t H = w1c.size(0);
   const T *gp = G.data_ptr<T>(), *yp = y.data_ptr<T>(), *scp = sc.data_ptr<T>(), *gtp = gt.data_ptr<T>(),
           *hp = h.data_ptr<T>(), *g1p = g1.data_ptr<T>();
   const float *rp = rstd.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -298,13 +338,25 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
     *dgtp = dgt.data_ptr<T>();
   for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
     float* dnw = dnw_parts.data_ptr<float>() + k * D;
-    at::Tensor dw1 = dw1_parts[k], db1 = db1_parts[k], dw2 = dw2_parts[k], db2 = db2_parts[k];
+    at::Tensor dw1 = dw1_parts[k], dw2 = dw2_parts[k], db2 = db2_parts[k];
+    float* __restrict db1 = db1_parts.data_ptr<float>() + k * H;
     float xh[DC ? DC : 1024], nb[DC ? DC : 1024], dn[DC ? DC : 1024], dxr[DC ? DC : 1024];
+    std::vector<float> dgelu(std::min(hi - lo, kChunk) * H);  // GELU'(pre) of the chunk, float32
     for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
       const int64_t i1 = std::min(hi, i0 + kChunk), rows = i1 - i0;
       at::Tensor mc = m.narrow(0, i0, rows);
-      at::Tensor pre = at::addmm(b1c, mc, w1t);
-      at::Tensor act = at::gelu(pre);
+      // recompute fc1 and GELU, keeping GELU' for the backward of this chunk
+      at::Tensor act = at::addmm(b1c, mc, w1t);
+      T* ap = act.data_ptr<T>();
+      for (int64_t i = 0; i < rows; ++i) {
+        T* __restrict ar = ap + i * H;
+        float* __restrict dgr = dgelu.data() + i * H;
+        _Pragma("omp simd") for (int64_t q = 0; q < H; ++q) {
+          const float x = ld(ar[q]), e = gelu_exp(x), cdf = gelu_cdf(x, e);
+          ar[q] = st<T>(x * cdf);
+          dgr[q] = gelu_grad(x, cdf, e);
+        }
+      }
       at::Tensor mo = at::addmm(b2c, act, w2t);
       at::Tensor dmlp = at::empty({rows, D}, y.options());
       const T* mop = mo.data_ptr<T>() - i0 * D;
@@ -319,9 +371,18 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
       }
       dw2.add_(at::mm(dmlp.t(), act));
       db2.add_(dmlp.sum(0, /*keepdim=*/false, at::kFloat));
-      at::Tensor da = at::gelu_backward(at::mm(dmlp, w2c), pre);
+      at::Tensor da = at::mm(dmlp, w2c);  // d act, then d pre in place
+      T* dap = da.data_ptr<T>();
+      for (int64_t i = 0; i < rows; ++i) {
+        T* __restrict dar = dap + i * H;
+        const float* __restrict dgr = dgelu.data() + i * H;
+        _Pragma("omp simd") for (int64_t q = 0; q < H; ++q) {
+          const float v = R<T>(ld(dar[q]) * dgr[q]);
+          dar[q] = st<T>(v);
+          db1[q] += v;
+        }
+      }
       dw1.add_(at::mm(da.t(), mc));
-      db1.add_(da.sum(0, /*keepdim=*/false, at::kFloat));
       at::Tensor dsh_c = dsh.narrow(0, i0, rows);
       at::mm_out(dsh_c, da, w1c);
       const T* dmp2 = dsh.data_ptr<T>();
