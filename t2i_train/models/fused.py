@@ -60,16 +60,22 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL[0]
 
 
-def _moded() -> bool:
-    """A dispatch or function mode is active (fake tensors for memory plans, tracing, device contexts)."""
-    return bool(_get_current_dispatch_mode_stack()) or torch._C._len_torch_function_stack() > 0
+_SAC_MODES = (_ckpt._CachingTorchDispatchMode, _ckpt._CachedTorchDispatchMode)
+
+def _moded(but_checkpointing: bool = False) -> bool:
+    """A dispatch or function mode is active (fake tensors for memory plans, tracing, device contexts);
+    `but_checkpointing`: not counting selective checkpointing's modes."""
+    stack = _get_current_dispatch_mode_stack()
+    if but_checkpointing:
+        stack = [m for m in stack if not isinstance(m, _SAC_MODES)]
+    return bool(stack) or torch._C._len_torch_function_stack() > 0
 
 
 def _use_native(*params) -> bool:
     """Whether this call runs the native kernels: enabled, outside any mode (they have no fake or traced
     form), float32 parameters, and the library loads (built on first use)."""
-    return NATIVE is not False and not _moded() and all(p.dtype == torch.float32 for p in params) \
-        and native.load()
+    return NATIVE is not False and not _moded(but_checkpointing=True) \
+        and all(p.dtype == torch.float32 for p in params) and native.load()
 
 
 def _rows(t, D, dtype):
@@ -125,8 +131,6 @@ def _for_chunks(n: int, body, accumulators=()):
     return totals
 
 
-_SAC_MODES = (_ckpt._CachingTorchDispatchMode, _ckpt._CachedTorchDispatchMode)
-
 
 def _opaque_to_selective_checkpointing():
     """Run a fused forward's chunk loop outside selective checkpointing's dispatch mode when that mode is
@@ -180,15 +184,16 @@ class _NormScale(torch.autograd.Function):
             else:
                 torch.addcmul(sh[i:j].float(), n, sc[i:j], out=u[i:j])
 
-        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            if _use_native(norm_w):
+        with torch.autocast(xf.device.type, enabled=False):
+            if _use_native(norm_w):  # one op, seen by selective checkpointing (its policy recomputes it)
                 xf, sc = xf.contiguous(), sc.contiguous()
                 u, rstd = torch.ops.pixdit_fused.norm_scale_fwd(
                     xf, sh.contiguous() if sh is not None else None, sc, norm_w, eps)
             else:
                 u = torch.empty_like(xf)
                 rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
-                _for_chunks(N, body)
+                with _opaque_to_selective_checkpointing():
+                    _for_chunks(N, body)
         ctx.save_for_backward(xf, sc, rstd, norm_w)
         ctx.shape = shape
         return u.view(shape)
@@ -237,8 +242,8 @@ class _PixelMLPResidual(torch.autograd.Function):
             a = F.gelu(torch.addmm(b1c, mc, w1t))
             torch.addcmul(yc, gt[i:j], torch.addmm(b2c, a, w2t), out=out[i:j])
 
-        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
-            if _use_native(norm_w, w1, b1, w2, b2):
+        with torch.autocast(xf.device.type, enabled=False):
+            if _use_native(norm_w, w1, b1, w2, b2):  # one op, seen by selective checkpointing (policy: keep)
                 xf, hf, g1, sh, sc, gt = (t.contiguous() for t in (xf, hf, g1, sh, sc, gt))
                 out, y, m, rstd = torch.ops.pixdit_fused.mlp_residual_fwd(xf, hf, g1, sh, sc, gt, norm_w, w1, b1,
                                                                           w2, b2, eps)
@@ -247,7 +252,8 @@ class _PixelMLPResidual(torch.autograd.Function):
                 out = torch.empty_like(xf)
                 m = torch.empty_like(xf)
                 rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
-                _for_chunks(N, body)
+                with _opaque_to_selective_checkpointing():
+                    _for_chunks(N, body)
         ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
         ctx.shape = shape
         return out.view(shape)
@@ -313,14 +319,15 @@ class _NormLinear(torch.autograd.Function):
             n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
             torch.addmm(bc, n.to(cd), wt, out=out[i:j])
 
-        with torch.autocast(xf.device.type, enabled=False), _opaque_to_selective_checkpointing():
+        with torch.autocast(xf.device.type, enabled=False):
             if _use_native(norm_w, weight, bias):
                 xf = xf.contiguous()
                 out, rstd = torch.ops.pixdit_fused.norm_linear_fwd(xf, norm_w, weight.contiguous(), bias, eps)
             else:
                 out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
                 rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
-                _for_chunks(N, body)
+                with _opaque_to_selective_checkpointing():
+                    _for_chunks(N, body)
         ctx.save_for_backward(xf, rstd, norm_w, weight, bias)
         ctx.shape = x.shape
         return out.view(*x.shape[:-1], -1)

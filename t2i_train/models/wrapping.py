@@ -5,9 +5,10 @@ per block class, and the state-dict keys never change.
 
 Policies:
   none       keep every activation.
-  selective  keep the outputs of the expensive contractions (matmuls with a long reduction, attention),
-             recompute everything else in backward: norms, modulations' elementwise work, residuals, and the
-             pixel-level MLP whose matmuls contract only D_pix channels.
+  selective  keep the outputs of the expensive contractions (matmuls with a long reduction, attention) and
+             of the native fused pixel MLP, recompute everything else in backward: norms, modulations'
+             elementwise work, residuals (and the pixel-level MLP where it runs op by op or in Python loops:
+             its matmuls contract only D_pix channels).
   full       keep only the block's inputs; recompute the whole block in backward.
 """
 from __future__ import annotations
@@ -42,8 +43,16 @@ def normalize_ac_policy(value) -> str:
     return value
 
 
+# Kept under `selective` besides matmuls and attention: the native fused pixel MLP (models.fused with
+# models.native), whose recomputation costs as much as the rest of the block's recomputed work together, for
+# two per-pixel tensors (its residual sum and MLP input) and a statistic per pixel.
+_KEPT_NATIVE = {"pixdit_fused::mlp_residual_fwd"}
+
+
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in _ATTENTION:
+        return CheckpointPolicy.MUST_SAVE
+    if op.namespace == "pixdit_fused" and op.name() in _KEPT_NATIVE:
         return CheckpointPolicy.MUST_SAVE
     if op in _MATMULS:
         lhs = args[_MATMULS[op] - 1]
