@@ -82,11 +82,13 @@ def test_native_matches_python_loops_bf16(D):
 def test_native_ops_reject_wrong_inputs():
     x = torch.randn(10, 16)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        torch.ops.pixdit_fused.norm_scale_fwd(x.double(), None, x.double(), torch.ones(16), 1e-6)
+        torch.ops.pixdit_fused.norm_scale_fwd(x.double(), None, x.double(), torch.ones(16), 1e-6, None)
     with pytest.raises(RuntimeError, match="scale"):
-        torch.ops.pixdit_fused.norm_scale_fwd(x, None, x[:5], torch.ones(16), 1e-6)
+        torch.ops.pixdit_fused.norm_scale_fwd(x, None, x[:5], torch.ones(16), 1e-6, None)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.pixdit_fused.norm_scale_fwd(x, None, x, torch.ones(16, dtype=torch.bfloat16), 1e-6)
+        torch.ops.pixdit_fused.norm_scale_fwd(x, None, x, torch.ones(16, dtype=torch.bfloat16), 1e-6, None)
+    with pytest.raises(RuntimeError, match="modulation bias"):
+        torch.ops.pixdit_fused.norm_scale_fwd(x, None, x, torch.ones(16), 1e-6, torch.zeros(2, 5, 16))
 
 
 def test_native_build_is_keyed_by_machine_and_source(monkeypatch, tmp_path):
@@ -97,3 +99,55 @@ def test_native_build_is_keyed_by_machine_and_source(monkeypatch, tmp_path):
     assert native.build_dir() != d
     monkeypatch.setenv("PIXDIT_NATIVE", "0")
     assert not native.enabled() and not native.available()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_native_kernels_add_modulation_biases(bf16):
+    """Modulations passed without their per-pixel bias [P·D] (row i uses pixel i mod P) give what the same
+    modulations with the bias added beforehand give, and the bias gradients are the per-pixel sums of the
+    modulation gradients."""
+    P, D, rows = 16, 16, 64 * 16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    acts, params = _leaves(D, dtype, rows=rows)
+    g = torch.Generator().manual_seed(7)
+    biases = [(0.5 * torch.randn(P * D, generator=g)).requires_grad_() for _ in range(5)]  # scale1, g1, sh, sc, gt
+
+    def run(folded):
+        for t in acts + params + biases:
+            t.grad = None
+        x, h, g1, sh, sc, gt = acts
+        nw, w1, b1, w2, b2, _, _ = params
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            mods = [t.view(-1, P, D) for t in (sc, g1, sh, sc, gt)]
+            if folded:
+                u = fused.norm_scale(x.view(-1, P, D), mods[0], _Norm(nw), scale_bias=biases[0])
+                y = fused.pixel_mlp_residual(u, mods[2], mods[3], mods[4], _Norm(nw), _Mlp(w1, b1, w2, b2),
+                                             attn=h.view(-1, P, D), gate1=mods[1], biases=biases[1:])
+            else:
+                m = [t + b.view(P, D).to(t.dtype) for t, b in zip(mods, biases)]
+                u = fused.norm_scale(x.view(-1, P, D), m[0], _Norm(nw))
+                y = fused.pixel_mlp_residual(u, m[2], m[3], m[4], _Norm(nw), _Mlp(w1, b1, w2, b2),
+                                             attn=h.view(-1, P, D), gate1=m[1])
+        y.float().pow(2).mean().backward()
+        return [y.detach().float()] + [t.grad.float() for t in acts + biases]
+
+    assert fused.folds_bias(_Norm(params[0]))
+    ref, got = run(False), run(True)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert a.abs().sum() > 0, i
+        rel = ((a - b).norm() / a.norm()).item()
+        assert rel < (2e-2 if bf16 else 1e-5), (i, rel)
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.weight, self.eps = w, 1e-6
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, w1, b1, w2, b2):
+        super().__init__()
+        self.fc1 = torch.nn.Module()
+        self.fc2 = torch.nn.Module()
+        self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias = w1, b1, w2, b2

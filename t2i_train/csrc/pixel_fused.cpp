@@ -165,6 +165,19 @@ void check_act(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= 1024, "pixel_fused: rows of at most 1024 channels");
 }
 
+// Per-row bias tables of modulations computed without their bias (the bias is added here, in float32, then
+// rounded to the activation dtype): [pieces, P, D] float32, row i of the activations using row i % P (the pixel
+// of its patch). Absent, a table of zeros with P = 1, which changes nothing (R(v + 0) = v for v in T).
+at::Tensor bias_table(const c10::optional<at::Tensor>& bias, int64_t pieces, int64_t D, const at::Tensor& like) {
+  if (!bias.has_value()) return at::zeros({pieces, 1, D}, like.options().dtype(at::kFloat));
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.is_contiguous() && b.dim() == 3 &&
+                  b.size(0) == pieces && b.size(2) == D && b.size(1) > 0,
+              "modulation bias: expected a contiguous float32 CPU tensor [", pieces, ", P, ", D, "], got ",
+              b.sizes());
+  return b;
+}
+
 // Calls KERNEL<T, DC>(args...) for the activation dtype of `x` and its channel count.
 #define DISPATCH(x, KERNEL, ...)                                                       \
   do {                                                                                 \
@@ -179,31 +192,36 @@ void check_act(const at::Tensor& x) {
 // u = R(rmsnorm(x)·w ⊙ scale [+ shift])
 template <typename T, int DC>
 void norm_scale_fwd_impl(const at::Tensor& x, const c10::optional<at::Tensor>& shift, const at::Tensor& scale,
-                         const at::Tensor& w, double eps, at::Tensor& u, at::Tensor& rstd) {
+                         const at::Tensor& w, double eps, const at::Tensor& sbias, at::Tensor& u, at::Tensor& rstd) {
   const int64_t N = x.size(0), D_ = x.size(1);
   CHANNELS;
   const T* xp = x.data_ptr<T>();
   const T* shp = shift.has_value() ? shift->data_ptr<T>() : nullptr;
   const T* scp = scale.data_ptr<T>();
   const float* wp = w.data_ptr<float>();
+  const float* sbp = sbias.data_ptr<float>();
+  const int64_t P = sbias.size(1);
   T* up = u.data_ptr<T>();
   float* rp = rstd.data_ptr<float>();
   at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t o = i * D;
+      const float* sb = sbp + (i % P) * D;
       const float r = row_rstd<T, DC>(xp + o, D, static_cast<float>(eps));
       rp[i] = r;
       if (shp) {
-        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * ld(scp[o + c]) + ld(shp[o + c]));
+        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + sb[c]) +
+                                       ld(shp[o + c]));
       } else {
-        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * ld(scp[o + c]));
+        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + sb[c]));
       }
     }
   });
 }
 
 std::vector<at::Tensor> norm_scale_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& shift,
-                                       const at::Tensor& scale, const at::Tensor& w, double eps) {
+                                       const at::Tensor& scale, const at::Tensor& w, double eps,
+                                       const c10::optional<at::Tensor>& scale_bias) {
   check_act(x);
   const int64_t N = x.size(0), D = x.size(1);
   const auto cd = x.scalar_type();
@@ -213,29 +231,38 @@ std::vector<at::Tensor> norm_scale_fwd(const at::Tensor& x, const c10::optional<
   check_param(w, "norm weight");
   at::Tensor u = at::empty_like(x);
   at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
-  DISPATCH(x, norm_scale_fwd_impl, x, shift, scale, w, eps, u, rstd);
+  const at::Tensor sbias = bias_table(scale_bias, 1, D, x);
+  DISPATCH(x, norm_scale_fwd_impl, x, shift, scale, w, eps, sbias, u, rstd);
   return {u, rstd};
 }
 
 template <typename T, int DC>
 void norm_scale_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& rstd,
-                         const at::Tensor& w, at::Tensor& dx, at::Tensor& dscale, at::Tensor& dnw_parts) {
+                         const at::Tensor& w, const at::Tensor& sbias, at::Tensor& dx, at::Tensor& dscale,
+                         at::Tensor& dnw_parts, at::Tensor& dsb_parts) {
   const int64_t N = x.size(0), D_ = x.size(1);
   CHANNELS;
   const T *gp = G.data_ptr<T>(), *xp = x.data_ptr<T>(), *scp = scale.data_ptr<T>();
   const float *rp = rstd.data_ptr<float>(), *wp = w.data_ptr<float>();
   T *dxp = dx.data_ptr<T>(), *dsp = dscale.data_ptr<T>();
+  const float* sbp = sbias.data_ptr<float>();
+  const int64_t P = sbias.size(1);
   for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
     float* dnw = dnw_parts.data_ptr<float>() + k * D;
+    float* dsbk = dsb_parts.data_ptr<float>() + k * P * D;
     float xh[DC ? DC : 1024], nb[DC ? DC : 1024], dn[DC ? DC : 1024], dxr[DC ? DC : 1024];
     for (int64_t i = lo; i < hi; ++i) {
       const float r = rp[i];
       const int64_t o = i * D;
+      const float* sb = sbp + (i % P) * D;
+      float* dsb = dsbk + (i % P) * D;
       row_normalized<T, DC>(xp + o, r, D, xh, nb);
       CHANNEL_LOOP {
         const float g = ld(gp[o + c]);
-        dsp[o + c] = st<T>(g * (nb[c] * wp[c]));
-        dn[c] = g * ld(scp[o + c]);
+        const T ds = st<T>(g * (nb[c] * wp[c]));
+        dsp[o + c] = ds;
+        dsb[c] += ld(ds);
+        dn[c] = g * R<T>(ld(scp[o + c]) + sb[c]);
       }
       row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
       CHANNEL_LOOP dxp[o + c] = st<T>(dxr[c]);
@@ -244,7 +271,8 @@ void norm_scale_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Ten
 }
 
 std::vector<at::Tensor> norm_scale_bwd(const at::Tensor& G, const at::Tensor& x, const at::Tensor& scale,
-                                       const at::Tensor& rstd, const at::Tensor& w) {
+                                       const at::Tensor& rstd, const at::Tensor& w,
+                                       const c10::optional<at::Tensor>& scale_bias) {
   check_act(x);
   const int64_t N = x.size(0), D = x.size(1);
   const auto cd = x.scalar_type();
@@ -253,9 +281,12 @@ std::vector<at::Tensor> norm_scale_bwd(const at::Tensor& G, const at::Tensor& x,
   check_rows(rstd, "rstd", N, 1, at::kFloat);
   check_param(w, "norm weight");
   at::Tensor dx = at::empty_like(x), dscale = at::empty_like(x);
-  at::Tensor parts = at::zeros({n_ranges(N, kChunk), D}, x.options().dtype(at::kFloat));
-  DISPATCH(x, norm_scale_bwd_impl, G, x, scale, rstd, w, dx, dscale, parts);
-  return {dx, dscale, sum_ranges(parts)};
+  const at::Tensor sbias = bias_table(scale_bias, 1, D, x);
+  const int64_t T = n_ranges(N, kChunk);
+  at::Tensor parts = at::zeros({T, D}, x.options().dtype(at::kFloat));
+  at::Tensor dsb = at::zeros({T, 1, sbias.size(1), D}, x.options().dtype(at::kFloat));
+  DISPATCH(x, norm_scale_bwd_impl, G, x, scale, rstd, w, sbias, dx, dscale, parts, dsb);
+  return {dx, dscale, sum_ranges(parts), sum_ranges(dsb)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -263,8 +294,8 @@ std::vector<at::Tensor> norm_scale_bwd(const at::Tensor& G, const at::Tensor& x,
 template <typename T, int DC>
 void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1, const at::Tensor& sh,
                   const at::Tensor& sc, const at::Tensor& gt, const at::Tensor& w, const at::Tensor& w1t,
-                  const at::Tensor& b1c, const at::Tensor& w2t, const at::Tensor& b2c, double eps, at::Tensor& y,
-                  at::Tensor& m, at::Tensor& out, at::Tensor& rstd) {
+                  const at::Tensor& b1c, const at::Tensor& w2t, const at::Tensor& b2c, double eps,
+                  const at::Tensor& mbias, at::Tensor& y, at::Tensor& m, at::Tensor& out, at::Tensor& rstd) {
   const int64_t N = x.size(0), D_ = x.size(1);
   CHANNELS;
   const T *xp = x.data_ptr<T>(), *hp = h.data_ptr<T>(), *g1p = g1.data_ptr<T>(), *shp = sh.data_ptr<T>(),
@@ -274,15 +305,19 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
   float* rp = rstd.data_ptr<float>();
   const float fe = static_cast<float>(eps);
   const int64_t H = w1t.size(1);
+  const int64_t P = mbias.size(1), PD = P * D;  // biases of gate1, shift, scale, gate: [4, P, D]
+  const float* mbp = mbias.data_ptr<float>();
   for_ranges(N, kChunk, n_ranges(N, kChunk), [&](int64_t, int64_t lo, int64_t hi) {
     for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
       const int64_t i1 = std::min(hi, i0 + kChunk);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t o = i * D;
-        CHANNEL_LOOP yp[o + c] = st<T>(ld(xp[o + c]) + ld(g1p[o + c]) * ld(hp[o + c]));
+        const float *bg1 = mbp + (i % P) * D, *bsh = bg1 + PD, *bsc = bsh + PD;
+        CHANNEL_LOOP yp[o + c] = st<T>(ld(xp[o + c]) + R<T>(ld(g1p[o + c]) + bg1[c]) * ld(hp[o + c]));
         const float r = row_rstd<T, DC>(yp + o, D, fe);
         rp[i] = r;
-        CHANNEL_LOOP mp[o + c] = st<T>(ld(shp[o + c]) + R<T>(ld(yp[o + c]) * r) * wp[c] * ld(scp[o + c]));
+        CHANNEL_LOOP mp[o + c] = st<T>(R<T>(ld(shp[o + c]) + bsh[c]) +
+                                       R<T>(ld(yp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + bsc[c]));
       }
       // fc1 (bias added in the GEMM's float32 accumulator, one rounding as in autocast), then GELU in place
       at::Tensor a = at::addmm(b1c, m.narrow(0, i0, i1 - i0), w1t);
@@ -298,7 +333,8 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
       const T* mop = mo.data_ptr<T>() - i0 * D;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t o = i * D;
-        CHANNEL_LOOP op[o + c] = st<T>(ld(yp[o + c]) + ld(gtp[o + c]) * ld(mop[o + c]));
+        const float* bgt = mbp + 3 * PD + (i % P) * D;
+        CHANNEL_LOOP op[o + c] = st<T>(ld(yp[o + c]) + R<T>(ld(gtp[o + c]) + bgt[c]) * ld(mop[o + c]));
       }
     }
   });
@@ -307,7 +343,8 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
 std::vector<at::Tensor> mlp_residual_fwd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1,
                                          const at::Tensor& sh, const at::Tensor& sc, const at::Tensor& gt,
                                          const at::Tensor& w, const at::Tensor& w1, const at::Tensor& b1,
-                                         const at::Tensor& w2, const at::Tensor& b2, double eps) {
+                                         const at::Tensor& w2, const at::Tensor& b2, double eps,
+                                         const c10::optional<at::Tensor>& mod_bias) {
   check_act(x);
   const int64_t N = x.size(0), D = x.size(1);
   const auto cd = x.scalar_type();
@@ -316,7 +353,8 @@ std::vector<at::Tensor> mlp_residual_fwd(const at::Tensor& x, const at::Tensor& 
   at::Tensor y = at::empty_like(x), m = at::empty_like(x), out = at::empty_like(x);
   at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
   at::Tensor w1t = w1.to(cd).t(), b1c = b1.to(cd), w2t = w2.to(cd).t(), b2c = b2.to(cd);
-  DISPATCH(x, mlp_fwd_impl, x, h, g1, sh, sc, gt, w, w1t, b1c, w2t, b2c, eps, y, m, out, rstd);
+  const at::Tensor mbias = bias_table(mod_bias, 4, D, x);
+  DISPATCH(x, mlp_fwd_impl, x, h, g1, sh, sc, gt, w, w1t, b1c, w2t, b2c, eps, mbias, y, m, out, rstd);
   return {out, y, m, rstd};
 }
 
@@ -324,9 +362,9 @@ template <typename T, int DC>
 void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& gt,
                   const at::Tensor& m, const at::Tensor& rstd, const at::Tensor& w, const at::Tensor& w1c,
                   const at::Tensor& b1c, const at::Tensor& w2c, const at::Tensor& b2c, const at::Tensor& h,
-                  const at::Tensor& g1, at::Tensor& dy, at::Tensor& dh, at::Tensor& dg1, at::Tensor& dsh,
-                  at::Tensor& dsc, at::Tensor& dgt, at::Tensor& dnw_parts, at::Tensor& dw1_parts,
-                  at::Tensor& db1_parts, at::Tensor& dw2_parts, at::Tensor& db2_parts) {
+                  const at::Tensor& g1, const at::Tensor& mbias, at::Tensor& dy, at::Tensor& dh, at::Tensor& dg1,
+                  at::Tensor& dsh, at::Tensor& dsc, at::Tensor& dgt, at::Tensor& dnw_parts, at::Tensor& dw1_parts,
+                  at::Tensor& db1_parts, at::Tensor& dw2_parts, at::Tensor& db2_parts, at::Tensor& dmb_parts) {
   const int64_t N = y.size(0), D_ = y.size(1);
   CHANNELS;
   const at::Tensor w1t = w1c.t(), w2t = w2c.t();
@@ -336,8 +374,11 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
   const float *rp = rstd.data_ptr<float>(), *wp = w.data_ptr<float>();
   T *dyp = dy.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dg1p = dg1.data_ptr<T>(), *dscp = dsc.data_ptr<T>(),
     *dgtp = dgt.data_ptr<T>();
+  const int64_t P = mbias.size(1), PD = P * D;  // biases of gate1, shift, scale, gate: [4, P, D]
+  const float* mbp = mbias.data_ptr<float>();
   for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
     float* dnw = dnw_parts.data_ptr<float>() + k * D;
+    float* dmb = dmb_parts.data_ptr<float>() + k * 4 * PD;
     at::Tensor dw1 = dw1_parts[k], dw2 = dw2_parts[k], db2 = db2_parts[k];
     float* __restrict db1 = db1_parts.data_ptr<float>() + k * H;
     float xh[DC ? DC : 1024], nb[DC ? DC : 1024], dn[DC ? DC : 1024], dxr[DC ? DC : 1024];
@@ -362,11 +403,15 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
       const T* mop = mo.data_ptr<T>() - i0 * D;
       T* dmp = dmlp.data_ptr<T>() - i0 * D;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t o = i * D;
+        const int64_t o = i * D, pd = (i % P) * D;
+        const float* bgt = mbp + 3 * PD + pd;
+        float* dbgt = dmb + 3 * PD + pd;
         CHANNEL_LOOP {
           const float g = ld(gp[o + c]);
-          dgtp[o + c] = st<T>(g * ld(mop[o + c]));
-          dmp[o + c] = st<T>(g * ld(gtp[o + c]));
+          const T dg = st<T>(g * ld(mop[o + c]));
+          dgtp[o + c] = dg;
+          dbgt[c] += ld(dg);
+          dmp[o + c] = st<T>(g * R<T>(ld(gtp[o + c]) + bgt[c]));
         }
       }
       dw2.add_(at::mm(dmlp.t(), act));
@@ -388,19 +433,26 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
       const T* dmp2 = dsh.data_ptr<T>();
       for (int64_t i = i0; i < i1; ++i) {
         const float r = rp[i];
-        const int64_t o = i * D;
+        const int64_t o = i * D, pd = (i % P) * D;
+        const float *bg1 = mbp + pd, *bsc = mbp + 2 * PD + pd;
+        float *dbg1 = dmb + pd, *dbsh = dmb + PD + pd, *dbsc = dmb + 2 * PD + pd;
         row_normalized<T, DC>(yp + o, r, D, xh, nb);
         CHANNEL_LOOP {
           const float dm = ld(dmp2[o + c]);
-          dscp[o + c] = st<T>(dm * nb[c] * wp[c]);
-          dn[c] = dm * ld(scp[o + c]);
+          const T ds = st<T>(dm * nb[c] * wp[c]);
+          dscp[o + c] = ds;
+          dbsc[c] += ld(ds);
+          dbsh[c] += dm;
+          dn[c] = dm * R<T>(ld(scp[o + c]) + bsc[c]);
         }
         row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
         CHANNEL_LOOP {
           const float dyc = R<T>(ld(gp[o + c]) + dxr[c]);
           dyp[o + c] = st<T>(dyc);
-          dg1p[o + c] = st<T>(dyc * ld(hp[o + c]));
-          dhp[o + c] = st<T>(dyc * ld(g1p[o + c]));
+          const T dg = st<T>(dyc * ld(hp[o + c]));
+          dg1p[o + c] = dg;
+          dbg1[c] += ld(dg);
+          dhp[o + c] = st<T>(dyc * R<T>(ld(g1p[o + c]) + bg1[c]));
         }
       }
     }
@@ -411,7 +463,7 @@ std::vector<at::Tensor> mlp_residual_bwd(const at::Tensor& G, const at::Tensor& 
                                          const at::Tensor& gt, const at::Tensor& m, const at::Tensor& rstd,
                                          const at::Tensor& w, const at::Tensor& w1, const at::Tensor& b1,
                                          const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& h,
-                                         const at::Tensor& g1) {
+                                         const at::Tensor& g1, const c10::optional<at::Tensor>& mod_bias) {
   check_act(y);
   const int64_t N = y.size(0), D = y.size(1);
   const auto cd = y.scalar_type();
@@ -426,10 +478,12 @@ std::vector<at::Tensor> mlp_residual_bwd(const at::Tensor& G, const at::Tensor& 
   at::Tensor dy = at::empty_like(y), dh = at::empty_like(y), dg1 = at::empty_like(y), dsh = at::empty_like(y),
              dsc = at::empty_like(y), dgt = at::empty_like(y);
   at::Tensor w1c = w1.to(cd), b1c = b1.to(cd), w2c = w2.to(cd), b2c = b2.to(cd);
-  DISPATCH(y, mlp_bwd_impl, G, y, sc, gt, m, rstd, w, w1c, b1c, w2c, b2c, h, g1, dy, dh, dg1, dsh, dsc, dgt, dnw,
-           dw1, db1, dw2, db2);
+  const at::Tensor mbias = bias_table(mod_bias, 4, D, y);
+  at::Tensor dmb = at::zeros({T, 4, mbias.size(1), D}, f32);
+  DISPATCH(y, mlp_bwd_impl, G, y, sc, gt, m, rstd, w, w1c, b1c, w2c, b2c, h, g1, mbias, dy, dh, dg1, dsh, dsc, dgt,
+           dnw, dw1, db1, dw2, db2, dmb);
   return {dy, dh, dg1, dsh, dsc, dgt, sum_ranges(dnw), sum_ranges(dw1), sum_ranges(db1), sum_ranges(dw2),
-          sum_ranges(db2)};
+          sum_ranges(db2), sum_ranges(dmb)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -538,12 +592,14 @@ std::vector<at::Tensor> norm_linear_bwd(const at::Tensor& G, const at::Tensor& x
 }  // namespace
 
 TORCH_LIBRARY(pixdit_fused, m) {
-  m.def("norm_scale_fwd(Tensor x, Tensor? shift, Tensor scale, Tensor w, float eps) -> Tensor[]");
-  m.def("norm_scale_bwd(Tensor grad, Tensor x, Tensor scale, Tensor rstd, Tensor w) -> Tensor[]");
+  m.def("norm_scale_fwd(Tensor x, Tensor? shift, Tensor scale, Tensor w, float eps, Tensor? scale_bias) "
+        "-> Tensor[]");
+  m.def("norm_scale_bwd(Tensor grad, Tensor x, Tensor scale, Tensor rstd, Tensor w, Tensor? scale_bias) "
+        "-> Tensor[]");
   m.def("mlp_residual_fwd(Tensor x, Tensor h, Tensor gate1, Tensor shift, Tensor scale, Tensor gate, Tensor w, "
-        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float eps) -> Tensor[]");
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, float eps, Tensor? mod_bias) -> Tensor[]");
   m.def("mlp_residual_bwd(Tensor grad, Tensor y, Tensor scale, Tensor gate, Tensor m, Tensor rstd, Tensor w, "
-        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor h, Tensor gate1) -> Tensor[]");
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor h, Tensor gate1, Tensor? mod_bias) -> Tensor[]");
   m.def("norm_linear_fwd(Tensor x, Tensor w, Tensor weight, Tensor bias, float eps) -> Tensor[]");
   m.def("norm_linear_bwd(Tensor grad, Tensor x, Tensor rstd, Tensor w, Tensor weight) -> Tensor[]");
 }

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import chunk_major, fused_applies, norm_linear, norm_scale, pixel_mlp_residual
+from .fused import chunk_major, folds_bias, fused_applies, norm_linear, norm_scale, pixel_mlp_residual
 from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
 
 
@@ -151,24 +151,35 @@ class PiTBlock(nn.Module):
         BL, P2, D = x.shape
         w, b = self._chunk_major_modulation()
 
-        def modulation(k):
-            return F.linear(s_cond, w[k], b[k]).view(BL, P2, D)
-
         fused = self.fused and fused_applies(x)
+        # where the fused kernels add the modulation biases themselves (native kernels), the modulation GEMMs
+        # run without them: no bias broadcast per GEMM, no separate bias-gradient reductions
+        fold_bias = fused and folds_bias(self.norm1)
+
+        def modulation(k, bias=True):
+            return F.linear(s_cond, w[k], b[k] if bias else None).view(BL, P2, D)
+
+        def fused_mod(k):
+            return modulation(k, bias=not fold_bias)
+
+        def fused_bias(k):
+            return b[k] if fold_bias else None
+
         if self.fold_shift and self.shift_fold_pays(BL):
             wc = self.compact.weight
             shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
-            h = norm_scale(x, modulation(1), self.norm1) if fused else self.norm1(x) * modulation(1)
+            h = norm_scale(x, fused_mod(1), self.norm1, scale_bias=fused_bias(1)) if fused \
+                else self.norm1(x) * modulation(1)
             h = torch.addmm(shift_term, h.view(BL, P2 * D), wc.t()).view(batch, BL // batch, -1)
         else:
             shift1 = modulation(0)
-            h = norm_scale(x, modulation(1), self.norm1, shift1) if fused \
+            h = norm_scale(x, fused_mod(1), self.norm1, shift1, scale_bias=fused_bias(1)) if fused \
                 else torch.addcmul(shift1, self.norm1(x), modulation(1))
             h = self.compact(h.reshape(batch, BL // batch, P2 * D))
         h = self.expand(self.attn(h, rope)).view(BL, P2, D)
         if fused:  # x + gate1 ⊙ h and the pixel MLP sub-block in one pass
-            return pixel_mlp_residual(x, modulation(3), modulation(4), modulation(5), self.norm2, self.mlp,
-                                      attn=h, gate1=modulation(2))
+            return pixel_mlp_residual(x, fused_mod(3), fused_mod(4), fused_mod(5), self.norm2, self.mlp,
+                                      attn=h, gate1=fused_mod(2), biases=[fused_bias(k) for k in (2, 3, 4, 5)])
         x = torch.addcmul(x, modulation(2), h)
         h = torch.addcmul(modulation(3), self.norm2(x), modulation(4))
         return torch.addcmul(x, modulation(5), self.mlp(h))

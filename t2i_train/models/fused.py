@@ -166,12 +166,28 @@ def _norm_backward(xh, nb, r, dn, norm_w, dnw, cd):
     return (dxh - xh * proj).mul_(r)
 
 
+def _bias_table(biases, D, cd):
+    """Modulation biases [P·D] (float32 parameters' pieces, None where absent) as the native kernels' table
+    [pieces, P, D]: rounded to the compute dtype as autocast's addmm would round them, then float32. None when
+    all are absent."""
+    if all(b is None for b in biases):
+        return None
+    return torch.stack([b.detach().to(cd).float().view(-1, D) for b in biases]).contiguous()
+
+
+def _bias_grads(table_grad, biases):
+    """Gradients of the biases from the kernels' [pieces, P, D] sums (None where absent)."""
+    if table_grad is None:
+        return [None] * len(biases)
+    return [None if b is None else g.reshape(b.shape).to(b.dtype) for g, b in zip(table_grad, biases)]
+
+
 class _NormScale(torch.autograd.Function):
     """u = rmsnorm(x)·w ⊙ scale (+ shift) (activations in the compute dtype `cd`, u in `cd`, parameters
     float32)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, norm_w, eps):
+    def forward(ctx, x, shift, scale, norm_w, eps, scale_bias=None):
         shape, D, cd = x.shape, x.shape[-1], x.dtype
         xf, sc = x.reshape(-1, D), scale.reshape(-1, D)
         sh = shift.reshape(-1, D) if shift is not None else None
@@ -187,21 +203,24 @@ class _NormScale(torch.autograd.Function):
         with torch.autocast(xf.device.type, enabled=False):
             if _use_native(norm_w):  # one op, seen by selective checkpointing (its policy recomputes it)
                 xf, sc = xf.contiguous(), sc.contiguous()
+                sb = _bias_table([scale_bias], D, cd)
                 u, rstd = torch.ops.pixdit_fused.norm_scale_fwd(
-                    xf, sh.contiguous() if sh is not None else None, sc, norm_w, eps)
+                    xf, sh.contiguous() if sh is not None else None, sc, norm_w, eps, sb)
             else:
+                assert scale_bias is None, "modulation biases are folded only into the native kernels"
                 u = torch.empty_like(xf)
                 rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
                 with _opaque_to_selective_checkpointing():
                     _for_chunks(N, body)
-        ctx.save_for_backward(xf, sc, rstd, norm_w)
+        ctx.save_for_backward(xf, sc, rstd, norm_w, scale_bias)
         ctx.shape = shape
         return u.view(shape)
 
     @staticmethod
     def backward(ctx, grad_u):
-        xf, sc, rstd, norm_w = ctx.saved_tensors
+        xf, sc, rstd, norm_w, scale_bias = ctx.saved_tensors
         D, cd = xf.shape[-1], xf.dtype
+        dsb = None
         G = grad_u.reshape(-1, D)
         N = xf.shape[0]
 
@@ -213,13 +232,15 @@ class _NormScale(torch.autograd.Function):
 
         with torch.autocast(xf.device.type, enabled=False):
             if _use_native(norm_w):
-                dx, dscale, dnw = torch.ops.pixdit_fused.norm_scale_bwd(_rows(grad_u, D, cd), xf, sc, rstd, norm_w)
+                dx, dscale, dnw, dsb = torch.ops.pixdit_fused.norm_scale_bwd(
+                    _rows(grad_u, D, cd), xf, sc, rstd, norm_w, _bias_table([scale_bias], D, cd))
             else:
                 dx = torch.empty_like(xf)
                 dscale = torch.empty_like(xf)
                 (dnw,) = _for_chunks(N, body, (norm_w,))
         shape = ctx.shape
-        grads = (dx.view(shape), grad_u.to(cd).view(shape), dscale.view(shape), dnw.to(norm_w.dtype), None)
+        grads = (dx.view(shape), grad_u.to(cd).view(shape), dscale.view(shape), dnw.to(norm_w.dtype), None,
+                 _bias_grads(dsb, [scale_bias])[0])
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 
 
@@ -230,7 +251,8 @@ class _PixelMLPResidual(torch.autograd.Function):
     autocast); parameters in float32. The MLP input and the matmuls and GELU run in `cd`."""
 
     @staticmethod
-    def forward(ctx, x, h, gate1, shift, scale, gate, norm_w, w1, b1, w2, b2, eps):
+    def forward(ctx, x, h, gate1, shift, scale, gate, norm_w, w1, b1, w2, b2, eps,
+                bias_gate1=None, bias_shift=None, bias_scale=None, bias_gate=None):
         shape, D, cd = x.shape, x.shape[-1], x.dtype
         xf, hf, g1, sh, sc, gt = (t.reshape(-1, D) for t in (x, h, gate1, shift, scale, gate))
         N = xf.shape[0]
@@ -245,23 +267,27 @@ class _PixelMLPResidual(torch.autograd.Function):
         with torch.autocast(xf.device.type, enabled=False):
             if _use_native(norm_w, w1, b1, w2, b2):  # one op, seen by selective checkpointing (policy: keep)
                 xf, hf, g1, sh, sc, gt = (t.contiguous() for t in (xf, hf, g1, sh, sc, gt))
+                biases = (bias_gate1, bias_shift, bias_scale, bias_gate)
                 out, y, m, rstd = torch.ops.pixdit_fused.mlp_residual_fwd(xf, hf, g1, sh, sc, gt, norm_w, w1, b1,
-                                                                          w2, b2, eps)
+                                                                          w2, b2, eps, _bias_table(biases, D, cd))
             else:
+                assert bias_gate1 is None, "modulation biases are folded only into the native kernels"
                 y = torch.empty_like(xf)
                 out = torch.empty_like(xf)
                 m = torch.empty_like(xf)
                 rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
                 with _opaque_to_selective_checkpointing():
                     _for_chunks(N, body)
-        ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1)
+        ctx.save_for_backward(y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1, bias_gate1, bias_shift,
+                              bias_scale, bias_gate)
         ctx.shape = shape
         return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1 = ctx.saved_tensors
+        y, sc, gt, m, rstd, norm_w, w1, b1, w2, b2, hf, g1, *biases = ctx.saved_tensors
         D, cd = y.shape[-1], y.dtype
+        dmb = None
         G = grad_out.reshape(-1, D)
         N = y.shape[0]
         w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
@@ -289,9 +315,9 @@ class _PixelMLPResidual(torch.autograd.Function):
 
         with torch.autocast(y.device.type, enabled=False):
             if _use_native(norm_w, w1, b1, w2, b2):
-                dy, dh, dgate1, dshift, dscale, dgate, dnw, dw1, db1, dw2, db2 = \
+                dy, dh, dgate1, dshift, dscale, dgate, dnw, dw1, db1, dw2, db2, dmb = \
                     torch.ops.pixdit_fused.mlp_residual_bwd(_rows(grad_out, D, cd), y, sc, gt, m, rstd, norm_w,
-                                                            w1, b1, w2, b2, hf, g1)
+                                                            w1, b1, w2, b2, hf, g1, _bias_table(biases, D, cd))
             else:
                 dy = torch.empty_like(y)
                 dshift = torch.empty_like(y)
@@ -301,7 +327,8 @@ class _PixelMLPResidual(torch.autograd.Function):
                 dnw, dw1, db1, dw2, db2 = _for_chunks(N, body, (norm_w, w1, b1, w2, b2))
         shape = ctx.shape
         grads = [dy.view(shape), dh.view(shape), dgate1.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
-                 dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None]
+                 dnw.to(norm_w.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype), None,
+                 *_bias_grads(dmb, biases)]
         return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))
 
 
@@ -407,9 +434,23 @@ def fused_applies(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32
 
 
-def norm_scale(x, scale, norm, shift=None):
-    """norm(x) ⊙ scale (+ shift) for a PiT block's `norm` (RMSNorm), in x's dtype."""
-    return _NormScale.apply(x, shift, scale, norm.weight, norm.eps)
+def _with_bias(mod, bias):
+    """mod + bias for a modulation [..., P, D] computed without its bias [P·D] (op by op, in mod's dtype)."""
+    return mod if bias is None else mod + bias.view(mod.shape[-2:]).to(mod.dtype)
+
+
+def folds_bias(norm) -> bool:
+    """Whether the fused ops take modulation biases apart (the native kernels add them in their own pass: no
+    bias broadcast in the modulation GEMMs, no separate bias-gradient reductions)."""
+    return _use_native(norm.weight)
+
+
+def norm_scale(x, scale, norm, shift=None, scale_bias=None):
+    """norm(x) ⊙ (scale + scale_bias) (+ shift) for a PiT block's `norm` (RMSNorm), in x's dtype; `scale`
+    [..., P, D] may come without its bias [P·D] (see folds_bias)."""
+    if scale_bias is not None and not folds_bias(norm):
+        scale, scale_bias = _with_bias(scale, scale_bias), None
+    return _NormScale.apply(x, shift, scale, norm.weight, norm.eps, scale_bias)
 
 
 def norm_linear(x, norm, linear):
@@ -417,8 +458,13 @@ def norm_linear(x, norm, linear):
     return _NormLinear.apply(x, norm.weight, linear.weight, linear.bias, norm.eps)
 
 
-def pixel_mlp_residual(x, shift, scale, gate, norm, mlp, attn, gate1):
+def pixel_mlp_residual(x, shift, scale, gate, norm, mlp, attn, gate1, biases=None):
     """y + gate ⊙ mlp(norm(y) ⊙ scale + shift) for a PiT block's `norm` (RMSNorm) and `mlp` (GeluMLP), where
-    y = x + gate1 ⊙ attn (the gated attention residual)."""
+    y = x + gate1 ⊙ attn (the gated attention residual). `biases`: (gate1, shift, scale, gate) biases [P·D]
+    when those modulations come without them (see folds_bias)."""
+    biases = tuple(biases) if biases is not None else (None,) * 4
+    if any(b is not None for b in biases) and not folds_bias(norm):
+        gate1, shift, scale, gate = (_with_bias(t, b) for t, b in zip((gate1, shift, scale, gate), biases))
+        biases = (None,) * 4
     return _PixelMLPResidual.apply(x, attn, gate1, shift, scale, gate, norm.weight, mlp.fc1.weight,
-                                   mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps)
+                                   mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, norm.eps, *biases)
