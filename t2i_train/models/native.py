@@ -12,6 +12,7 @@ The ops land in ``torch.ops.pixdit_fused``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -56,7 +57,13 @@ def load(verbose: bool = False) -> bool:
         if "ok" in _STATE:
             return _STATE["ok"]
         try:
-            from torch.utils.cpp_extension import load as _load
+            _quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+            level = _quiet.level
+            _quiet.setLevel(logging.ERROR)
+            try:
+                from torch.utils.cpp_extension import load as _load
+            finally:
+                _quiet.setLevel(level)
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
