@@ -29,19 +29,23 @@ inline float ld(float v) { return v; }
 inline float ld(c10::BFloat16 v) {
   return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
 }
-template <typename T>
-inline T st(float v);
-template <>
-inline float st<float>(float v) { return v; }
-template <>
-inline c10::BFloat16 st<c10::BFloat16>(float v) {
+inline uint32_t bf16_bits(float v) {
   const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
-  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
 }
+// R(v): v rounded to T, as float. put(p, i, v): p[i] = v rounded to T. Both on raw bits, never through a T
+// temporary: a struct temporary in a channel loop stops its vectorisation.
 template <typename T>
-inline float R(float v) { return ld(st<T>(v)); }
+inline float R(float v);
+template <>
+inline float R<float>(float v) { return v; }
+template <>
+inline float R<c10::BFloat16>(float v) { return __builtin_bit_cast(float, bf16_bits(v) << 16); }
+inline void put(float* p, int64_t i, float v) { p[i] = v; }
+inline void put(c10::BFloat16* p, int64_t i, float v) {
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(bf16_bits(v));
+}
 
 // exp(x) for x <= 0 (Cephes expf: Cody-Waite reduction, degree-6 polynomial; relative error ~1e-7), written
 // without calls or branches so that loops over it vectorise (built without -ffast-math: the rounding trick
@@ -210,10 +214,10 @@ void norm_scale_fwd_impl(const at::Tensor& x, const c10::optional<at::Tensor>& s
       const float r = row_rstd<T, DC>(xp + o, D, static_cast<float>(eps));
       rp[i] = r;
       if (shp) {
-        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + sb[c]) +
-                                       ld(shp[o + c]));
+        CHANNEL_LOOP put(up, o + c, R<T>(ld(xp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + sb[c]) +
+                                        ld(shp[o + c]));
       } else {
-        CHANNEL_LOOP up[o + c] = st<T>(R<T>(ld(xp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + sb[c]));
+        CHANNEL_LOOP put(up, o + c, R<T>(ld(xp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + sb[c]));
       }
     }
   });
@@ -259,13 +263,13 @@ void norm_scale_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Ten
       row_normalized<T, DC>(xp + o, r, D, xh, nb);
       CHANNEL_LOOP {
         const float g = ld(gp[o + c]);
-        const T ds = st<T>(g * (nb[c] * wp[c]));
-        dsp[o + c] = ds;
-        dsb[c] += ld(ds);
+        const float ds = R<T>(g * (nb[c] * wp[c]));
+        put(dsp, o + c, ds);
+        dsb[c] += ds;
         dn[c] = g * R<T>(ld(scp[o + c]) + sb[c]);
       }
       row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
-      CHANNEL_LOOP dxp[o + c] = st<T>(dxr[c]);
+      CHANNEL_LOOP put(dxp, o + c, dxr[c]);
     }
   });
 }
@@ -313,11 +317,11 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t o = i * D;
         const float *bg1 = mbp + (i % P) * D, *bsh = bg1 + PD, *bsc = bsh + PD;
-        CHANNEL_LOOP yp[o + c] = st<T>(ld(xp[o + c]) + R<T>(ld(g1p[o + c]) + bg1[c]) * ld(hp[o + c]));
+        CHANNEL_LOOP put(yp, o + c, ld(xp[o + c]) + R<T>(ld(g1p[o + c]) + bg1[c]) * ld(hp[o + c]));
         const float r = row_rstd<T, DC>(yp + o, D, fe);
         rp[i] = r;
-        CHANNEL_LOOP mp[o + c] = st<T>(R<T>(ld(shp[o + c]) + bsh[c]) +
-                                       R<T>(ld(yp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + bsc[c]));
+        CHANNEL_LOOP put(mp, o + c, R<T>(ld(shp[o + c]) + bsh[c]) +
+                                        R<T>(ld(yp[o + c]) * r) * wp[c] * R<T>(ld(scp[o + c]) + bsc[c]));
       }
       // fc1 (bias added in the GEMM's float32 accumulator, one rounding as in autocast), then GELU in place
       at::Tensor a = at::addmm(b1c, m.narrow(0, i0, i1 - i0), w1t);
@@ -326,7 +330,7 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
       for (int64_t i = 0; i < rows; ++i) {
         T* __restrict ar = ap + i * H;
         _Pragma("omp simd") for (int64_t q = 0; q < H; ++q) {
-          ar[q] = st<T>(gelu(ld(ar[q])));
+          put(ar, q, gelu(ld(ar[q])));
         }
       }
       at::Tensor mo = at::addmm(b2c, a, w2t);
@@ -334,7 +338,7 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t o = i * D;
         const float* bgt = mbp + 3 * PD + (i % P) * D;
-        CHANNEL_LOOP op[o + c] = st<T>(ld(yp[o + c]) + R<T>(ld(gtp[o + c]) + bgt[c]) * ld(mop[o + c]));
+        CHANNEL_LOOP put(op, o + c, ld(yp[o + c]) + R<T>(ld(gtp[o + c]) + bgt[c]) * ld(mop[o + c]));
       }
     }
   });
@@ -394,7 +398,7 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
         float* __restrict dgr = dgelu.data() + i * H;
         _Pragma("omp simd") for (int64_t q = 0; q < H; ++q) {
           const float x = ld(ar[q]), e = gelu_exp(x), cdf = gelu_cdf(x, e);
-          ar[q] = st<T>(x * cdf);
+          put(ar, q, x * cdf);
           dgr[q] = gelu_grad(x, cdf, e);
         }
       }
@@ -408,10 +412,10 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
         float* dbgt = dmb + 3 * PD + pd;
         CHANNEL_LOOP {
           const float g = ld(gp[o + c]);
-          const T dg = st<T>(g * ld(mop[o + c]));
-          dgtp[o + c] = dg;
-          dbgt[c] += ld(dg);
-          dmp[o + c] = st<T>(g * R<T>(ld(gtp[o + c]) + bgt[c]));
+          const float dg = R<T>(g * ld(mop[o + c]));
+          put(dgtp, o + c, dg);
+          dbgt[c] += dg;
+          put(dmp, o + c, g * R<T>(ld(gtp[o + c]) + bgt[c]));
         }
       }
       dw2.add_(at::mm(dmlp.t(), act));
@@ -423,7 +427,7 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
         const float* __restrict dgr = dgelu.data() + i * H;
         _Pragma("omp simd") for (int64_t q = 0; q < H; ++q) {
           const float v = R<T>(ld(dar[q]) * dgr[q]);
-          dar[q] = st<T>(v);
+          put(dar, q, v);
           db1[q] += v;
         }
       }
@@ -439,20 +443,20 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
         row_normalized<T, DC>(yp + o, r, D, xh, nb);
         CHANNEL_LOOP {
           const float dm = ld(dmp2[o + c]);
-          const T ds = st<T>(dm * nb[c] * wp[c]);
-          dscp[o + c] = ds;
-          dbsc[c] += ld(ds);
+          const float ds = R<T>(dm * nb[c] * wp[c]);
+          put(dscp, o + c, ds);
+          dbsc[c] += ds;
           dbsh[c] += dm;
           dn[c] = dm * R<T>(ld(scp[o + c]) + bsc[c]);
         }
         row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
         CHANNEL_LOOP {
           const float dyc = R<T>(ld(gp[o + c]) + dxr[c]);
-          dyp[o + c] = st<T>(dyc);
-          const T dg = st<T>(dyc * ld(hp[o + c]));
-          dg1p[o + c] = dg;
-          dbg1[c] += ld(dg);
-          dhp[o + c] = st<T>(dyc * R<T>(ld(g1p[o + c]) + bg1[c]));
+          put(dyp, o + c, dyc);
+          const float dg = R<T>(dyc * ld(hp[o + c]));
+          put(dg1p, o + c, dg);
+          dbg1[c] += dg;
+          put(dhp, o + c, dyc * R<T>(ld(g1p[o + c]) + bg1[c]));
         }
       }
     }
@@ -512,7 +516,7 @@ void norm_linear_fwd_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
         const float* Wo = Wr.data() + o * D;
         float acc = 0.f;
         _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < D; ++c) acc += n[c] * Wo[c];
-        op[i * O + o] = st<T>(acc + br[o]);
+        put(op, i * O + o, acc + br[o]);
       }
     }
   });
@@ -568,7 +572,7 @@ void norm_linear_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Te
       }
       CHANNEL_LOOP dn[c] = R<T>(dn[c]);
       row_norm_backward<T, DC>(xh, nb, dn, wp, r, D, dnw, dxr);
-      CHANNEL_LOOP dxp[o + c] = st<T>(dxr[c]);
+      CHANNEL_LOOP put(dxp, o + c, dxr[c]);
     }
   });
 }
