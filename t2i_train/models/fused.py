@@ -256,7 +256,6 @@ class _PixelMLPResidual(torch.autograd.Function):
         shape, D, cd = x.shape, x.shape[-1], x.dtype
         xf, hf, g1, sh, sc, gt = (t.reshape(-1, D) for t in (x, h, gate1, shift, scale, gate))
         N = xf.shape[0]
-        w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
         def body(i, j, _):
             yc = torch.addcmul(xf[i:j], g1[i:j], hf[i:j], out=y[i:j])
             n = _norm_forward(yc, rstd[i:j], norm_w, eps, cd)
@@ -272,6 +271,7 @@ class _PixelMLPResidual(torch.autograd.Function):
                                                                           w2, b2, eps, _bias_table(biases, D, cd))
             else:
                 assert bias_gate1 is None, "modulation biases are folded only into the native kernels"
+                w1t, b1c, w2t, b2c = w1.to(cd).t(), b1.to(cd), w2.to(cd).t(), b2.to(cd)
                 y = torch.empty_like(xf)
                 out = torch.empty_like(xf)
                 m = torch.empty_like(xf)
@@ -290,8 +290,6 @@ class _PixelMLPResidual(torch.autograd.Function):
         dmb = None
         G = grad_out.reshape(-1, D)
         N = y.shape[0]
-        w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
-        w1t, w2t = w1c.t(), w2c.t()
 
         def body(i, j, accs):
             dnw, dw1, db1, dw2, db2 = accs
@@ -324,6 +322,8 @@ class _PixelMLPResidual(torch.autograd.Function):
                 dscale = torch.empty_like(y)
                 dgate = torch.empty_like(y)
                 dh, dgate1 = torch.empty_like(y), torch.empty_like(y)
+                w1c, b1c, w2c, b2c = w1.to(cd), b1.to(cd), w2.to(cd), b2.to(cd)
+                w1t, w2t = w1c.t(), w2c.t()
                 dnw, dw1, db1, dw2, db2 = _for_chunks(N, body, (norm_w, w1, b1, w2, b2))
         shape = ctx.shape
         grads = [dy.view(shape), dh.view(shape), dgate1.view(shape), dshift.view(shape), dscale.view(shape), dgate.view(shape),
@@ -341,7 +341,6 @@ class _NormLinear(torch.autograd.Function):
         D, cd = x.shape[-1], x.dtype
         xf = x.reshape(-1, D)
         N = xf.shape[0]
-        wt, bc = weight.to(cd).t(), bias.to(cd)
         def body(i, j, _):
             n = _norm_forward(xf[i:j], rstd[i:j], norm_w, eps, cd)
             torch.addmm(bc, n.to(cd), wt, out=out[i:j])
@@ -352,6 +351,7 @@ class _NormLinear(torch.autograd.Function):
                 out, rstd = torch.ops.pixdit_fused.norm_linear_fwd(xf, norm_w, weight.contiguous(), bias, eps)
             else:
                 out = torch.empty(N, weight.shape[0], dtype=cd, device=x.device)
+                wt, bc = weight.to(cd).t(), bias.to(cd)
                 rstd = torch.empty(N, 1, dtype=torch.float32, device=xf.device)
                 with _opaque_to_selective_checkpointing():
                     _for_chunks(N, body)

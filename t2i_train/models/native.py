@@ -1,7 +1,7 @@
 """Native CPU kernels of the fused pixel sub-blocks (t2i_train/csrc/pixel_fused.cpp), built on first use.
 
 The source is compiled once per machine, torch version and source text with torch.utils.cpp_extension
-(g++ and ninja; about a minute) into ``$PIXDIT_EXT_DIR`` (default ``~/.cache/pixeldit/ext``), under a
+(g++ and ninja; about 20 s) into ``$PIXDIT_EXT_DIR`` (default ``~/.cache/pixeldit/ext``), under a
 directory named by a hash of all three, the CPU's instruction-set flags included (it is built with
 ``-march=native``), so a cache shared by different machines never loads a library built for another CPU.
 `scripts/bootstrap.sh` builds it during set-up. When it cannot be built (no compiler) the fused path runs its
