@@ -2,8 +2,10 @@
 // Python chunk loops compute the same values with the same rounding points; that module documents the
 // mathematics). Each kernel runs its rows in CHUNK-row chunks spread over ATen's intra-op threads (one
 // contiguous range of chunks per thread, so the partial parameter-gradient sums, added in range order at the
-// end, do not depend on scheduling). The elementwise work of a chunk is one pass per row in float32; the
-// chunk's small matmuls and GELU are ATen calls, run single-threaded inside the parallel region.
+// end, do not depend on scheduling). The elementwise work of a chunk is one pass per row in float32. At the
+// released width (D_pix 16, MLP hidden 64) rows are single 16-float vectors and the pixel MLP runs in
+// register tiles of 4 rows (below); other widths use per-channel loops and ATen calls for the chunk's small
+// matmuls, run single-threaded inside the parallel region.
 //
 // Activations are float32, or bfloat16 under autocast (the compute dtype `cd`); parameters are float32.
 // R(v) below is v rounded to `cd` (the identity in float32).
@@ -78,6 +80,184 @@ inline float gelu_cdf(float x, float e) {
 inline float gelu_exp(float x) { return exp_nonpos(-0.5f * x * x); }
 inline float gelu(float x) { return x * gelu_cdf(x, gelu_exp(x)); }
 inline float gelu_grad(float x, float cdf, float e) { return cdf + x * e * 0.39894228040143268f; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Register-tiled pixel MLP for the released width (D_pix 16, hidden 64): the chunk's 16→64→16 matmuls, GELU and
+// their backward run in TR-row tiles held in registers and L1 instead of ATen GEMM calls, whose small inner
+// dimension (16) and per-call set-up dominated. Written with GCC/Clang vector types (16 floats, one AVX-512
+// register; split by the compiler where the CPU has narrower ones). Products and sums are float32, as in the
+// GEMMs (bf16·bf16 products are exact in float32); the rounding points are those of the ATen path.
+constexpr int kMD = 16, kMH = 64, kTR = 4;
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16v __attribute__((vector_size(32)));
+typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
+
+inline v16 vld(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline v16 vld(const c10::BFloat16* p) {
+  const h16v h = *reinterpret_cast<const h16u*>(p);
+  return reinterpret_cast<v16>(__builtin_convertvector(h, u16v) << 16);
+}
+inline void vst(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+inline v16 bc(float s) { return v16{} + s; }
+inline float hsum(v16 v) {
+  float a[16];
+  vst(a, v);
+  float s8[8];
+  for (int k = 0; k < 8; ++k) s8[k] = a[k] + a[k + 8];
+  return ((s8[0] + s8[4]) + (s8[1] + s8[5])) + ((s8[2] + s8[6]) + (s8[3] + s8[7]));
+}
+
+// R<T> on a vector, and a vector of T rounded values stored as float (a scratch row)
+template <typename T>
+inline v16 VR(v16 v);
+template <>
+inline v16 VR<float>(v16 v) { return v; }
+template <>
+inline v16 VR<c10::BFloat16>(v16 v) {
+  const u16v u = reinterpret_cast<u16v>(v);
+  const u16v r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16;
+  const u16v nan = u16v{} + 0x7fc00000u;
+  return reinterpret_cast<v16>((u & 0x7fffffffu) > 0x7f800000u ? nan : r);
+}
+
+// p[0..16) = v rounded to T (the bf16 rounding on raw bits, as put())
+inline void vst(c10::BFloat16* p, v16 v) {
+  const u16v u = reinterpret_cast<u16v>(v);
+  const u16v r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u16v bits = (u & 0x7fffffffu) > 0x7f800000u ? u16v{} + 0x7fc0u : r;
+  *reinterpret_cast<h16u*>(p) = __builtin_convertvector(bits, h16v);
+}
+
+// R(W) as float in the layouts the tiles read, built once per call.
+struct MlpWeights {
+  alignas(64) float w1t[kMD * kMH];  // fc1 weight transposed [c][j]
+  alignas(64) float w1[kMH * kMD];   // fc1 weight [j][c]
+  alignas(64) float w2t[kMH * kMD];  // fc2 weight transposed [j][o]
+  alignas(64) float w2[kMD * kMH];   // fc2 weight [o][j]
+  alignas(64) float b1[kMH];
+  alignas(64) float b2[kMD];
+};
+
+template <typename T>
+void fill_mlp_weights(MlpWeights& W, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2) {
+  const float *p1 = w1.data_ptr<float>(), *p2 = w2.data_ptr<float>();
+  for (int j = 0; j < kMH; ++j)
+    for (int c = 0; c < kMD; ++c) {
+      W.w1[j * kMD + c] = W.w1t[c * kMH + j] = R<T>(p1[j * kMD + c]);
+      W.w2[c * kMH + j] = W.w2t[j * kMD + c] = R<T>(p2[c * kMH + j]);
+    }
+  for (int j = 0; j < kMH; ++j) W.b1[j] = R<T>(b1.data_ptr<float>()[j]);
+  for (int c = 0; c < kMD; ++c) W.b2[c] = R<T>(b2.data_ptr<float>()[c]);
+}
+
+// acc[r] += a[r]·B for the tile's rows: a [kTR][16], B [16][64] (row k of B: the 64 outputs' weights of input k)
+inline void tile_16to64(const float* a, const float* B, v16 (&acc)[kTR][4]) {
+  for (int k = 0; k < kMD; ++k) {
+    const v16 b0 = vld(B + k * kMH), b1 = vld(B + k * kMH + 16), b2 = vld(B + k * kMH + 32),
+              b3 = vld(B + k * kMH + 48);
+    for (int r = 0; r < kTR; ++r) {
+      const v16 av = bc(a[r * kMD + k]);
+      acc[r][0] += av * b0;
+      acc[r][1] += av * b1;
+      acc[r][2] += av * b2;
+      acc[r][3] += av * b3;
+    }
+  }
+}
+
+// act[r] = R(gelu(R(m[r]·W1ᵀ + b1))) for the tile's rows (m: [kTR][16] float, act: [kTR][64]); with dgelu,
+// also GELU'(pre) in float32.
+template <typename T>
+inline void tile_fc1_gelu(const MlpWeights& W, const float* m, float* act, float* dgelu) {
+  v16 acc[kTR][4];
+  for (int r = 0; r < kTR; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = vld(W.b1 + 16 * q);
+  tile_16to64(m, W.w1t, acc);
+  for (int r = 0; r < kTR; ++r)
+    for (int q = 0; q < 4; ++q) vst(act + r * kMH + 16 * q, VR<T>(acc[r][q]));
+  if (dgelu) {
+    _Pragma("omp simd") for (int k = 0; k < kTR * kMH; ++k) {
+      const float x = act[k], e = gelu_exp(x), cdf = gelu_cdf(x, e);
+      act[k] = R<T>(x * cdf);
+      dgelu[k] = gelu_grad(x, cdf, e);
+    }
+  } else {
+    _Pragma("omp simd") for (int k = 0; k < kTR * kMH; ++k) act[k] = R<T>(gelu(act[k]));
+  }
+}
+
+// mo[r] = R(act[r]·W2ᵀ + b2) (act: [kTR][64], mo: [kTR][16])
+template <typename T>
+inline void tile_fc2(const MlpWeights& W, const float* act, float* mo) {
+  v16 a0[kTR], a1[kTR];
+  for (int r = 0; r < kTR; ++r) {
+    a0[r] = vld(W.b2);
+    a1[r] = v16{};
+  }
+  for (int j = 0; j < kMH; j += 2) {
+    const v16 w0 = vld(W.w2t + j * kMD), w1 = vld(W.w2t + (j + 1) * kMD);
+    for (int r = 0; r < kTR; ++r) {
+      a0[r] += bc(act[r * kMH + j]) * w0;
+      a1[r] += bc(act[r * kMH + j + 1]) * w1;
+    }
+  }
+  for (int r = 0; r < kTR; ++r) vst(mo + r * kMD, VR<T>(a0[r] + a1[r]));
+}
+
+// Backward of the tile's MLP from dmlp [kTR][16] (d of the MLP output, T-rounded; zero on padding rows), with
+// act / dgelu from tile_fc1_gelu and m the tile's input: accumulates the weight gradients dw1 [j][c],
+// dw2t [j][o], db1, db2 and writes dm [kTR][16] = R(dpre·W1), d of the MLP input. `dpre` is scratch [kTR][64].
+template <typename T>
+inline void tile_mlp_backward(const MlpWeights& W, const float* m, const float* act, const float* dgelu,
+                              const float* dmlp, float* dpre, float* __restrict dw1, float* __restrict dw2t,
+                              float* __restrict db1, float* __restrict db2, float* dm) {
+  v16 g[kTR], mv[kTR];
+  for (int r = 0; r < kTR; ++r) {
+    g[r] = vld(dmlp + r * kMD);
+    mv[r] = vld(m + r * kMD);
+  }
+  vst(db2, vld(db2) + ((g[0] + g[1]) + (g[2] + g[3])));
+  // dW2ᵀ[j] += Σ_r act[r][j] · dmlp[r]
+  for (int j = 0; j < kMH; ++j) {
+    v16 s = bc(act[j]) * g[0];
+    for (int r = 1; r < kTR; ++r) s += bc(act[r * kMH + j]) * g[r];
+    vst(dw2t + j * kMD, vld(dw2t + j * kMD) + s);
+  }
+  // d act = R(dmlp·W2), then d pre = R(d act · GELU')
+  v16 da[kTR][4];
+  for (int r = 0; r < kTR; ++r)
+    for (int q = 0; q < 4; ++q) da[r][q] = v16{};
+  tile_16to64(dmlp, W.w2, da);
+  for (int q = 0; q < 4; ++q) {
+    v16 s = v16{};
+    for (int r = 0; r < kTR; ++r) {
+      const v16 d = VR<T>(VR<T>(da[r][q]) * vld(dgelu + r * kMH + 16 * q));
+      vst(dpre + r * kMH + 16 * q, d);
+      s += d;
+    }
+    vst(db1 + 16 * q, vld(db1 + 16 * q) + s);
+  }
+  // dW1[j] += Σ_r dpre[r][j] · m[r]; dm[r] = R(Σ_j dpre[r][j] · W1[j])
+  v16 d0[kTR], d1[kTR];
+  for (int r = 0; r < kTR; ++r) d0[r] = d1[r] = v16{};
+  for (int j = 0; j < kMH; j += 2) {
+    const v16 w0 = vld(W.w1 + j * kMD), w1 = vld(W.w1 + (j + 1) * kMD);
+    v16 s0 = v16{}, s1 = v16{};
+    for (int r = 0; r < kTR; ++r) {
+      const v16 p0 = bc(dpre[r * kMH + j]), p1 = bc(dpre[r * kMH + j + 1]);
+      s0 += p0 * mv[r];
+      s1 += p1 * mv[r];
+      d0[r] += p0 * w0;
+      d1[r] += p1 * w1;
+    }
+    vst(dw1 + j * kMD, vld(dw1 + j * kMD) + s0);
+    vst(dw1 + (j + 1) * kMD, vld(dw1 + (j + 1) * kMD) + s1);
+  }
+  for (int r = 0; r < kTR; ++r) vst(dm + r * kMD, VR<T>(d0[r] + d1[r]));
+}
 
 // Splits n rows into at most `ranges` contiguous ranges of whole chunks and runs body(range index, begin, end) for
 // each, one range per intra-op thread.
@@ -207,6 +387,20 @@ void norm_scale_fwd_impl(const at::Tensor& x, const c10::optional<at::Tensor>& s
   const int64_t P = sbias.size(1);
   T* up = u.data_ptr<T>();
   float* rp = rstd.data_ptr<float>();
+  if (DC == kMD) {  // one vector per row
+    const v16 wv = vld(wp);
+    at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t o = i * D;
+        const v16 xv = vld(xp + o);
+        const float r = 1.f / std::sqrt(hsum(xv * xv) / static_cast<float>(kMD) + static_cast<float>(eps));
+        rp[i] = r;
+        const v16 v = VR<T>(xv * r) * wv * VR<T>(vld(scp + o) + vld(sbp + (i % P) * D));
+        vst(up + o, shp ? v + vld(shp + o) : v);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t o = i * D;
@@ -251,6 +445,30 @@ void norm_scale_bwd_impl(const at::Tensor& G, const at::Tensor& x, const at::Ten
   T *dxp = dx.data_ptr<T>(), *dsp = dscale.data_ptr<T>();
   const float* sbp = sbias.data_ptr<float>();
   const int64_t P = sbias.size(1);
+  if (DC == kMD) {  // one vector per row
+    const v16 wv = vld(wp);
+    for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
+      float* dsbk = dsb_parts.data_ptr<float>() + k * P * D;
+      v16 dnwv = v16{};
+      for (int64_t i = lo; i < hi; ++i) {
+        const float r = rp[i];
+        const int64_t o = i * D;
+        float* dsb = dsbk + (i % P) * D;
+        const v16 xh = vld(xp + o) * r, nb = VR<T>(xh), g = vld(gp + o);
+        const v16 ds = VR<T>(g * (nb * wv));
+        vst(dsp + o, ds);
+        vst(dsb, vld(dsb) + ds);
+        const v16 dn = g * VR<T>(vld(scp + o) + vld(sbp + (i % P) * D));
+        dnwv += dn * nb;
+        const v16 dxh = VR<T>(dn * wv);
+        const float proj = hsum(dxh * xh) / static_cast<float>(kMD);
+        vst(dxp + o, (dxh - xh * proj) * r);
+      }
+      float* dnw = dnw_parts.data_ptr<float>() + k * D;
+      vst(dnw, vld(dnw) + dnwv);
+    });
+    return;
+  }
   for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
     float* dnw = dnw_parts.data_ptr<float>() + k * D;
     float* dsbk = dsb_parts.data_ptr<float>() + k * P * D;
@@ -299,7 +517,8 @@ template <typename T, int DC>
 void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1, const at::Tensor& sh,
                   const at::Tensor& sc, const at::Tensor& gt, const at::Tensor& w, const at::Tensor& w1t,
                   const at::Tensor& b1c, const at::Tensor& w2t, const at::Tensor& b2c, double eps,
-                  const at::Tensor& mbias, at::Tensor& y, at::Tensor& m, at::Tensor& out, at::Tensor& rstd) {
+                  const at::Tensor& mbias, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                  const at::Tensor& b2, at::Tensor& y, at::Tensor& m, at::Tensor& out, at::Tensor& rstd) {
   const int64_t N = x.size(0), D_ = x.size(1);
   CHANNELS;
   const T *xp = x.data_ptr<T>(), *hp = h.data_ptr<T>(), *g1p = g1.data_ptr<T>(), *shp = sh.data_ptr<T>(),
@@ -311,6 +530,39 @@ void mlp_fwd_impl(const at::Tensor& x, const at::Tensor& h, const at::Tensor& g1
   const int64_t H = w1t.size(1);
   const int64_t P = mbias.size(1), PD = P * D;  // biases of gate1, shift, scale, gate: [4, P, D]
   const float* mbp = mbias.data_ptr<float>();
+  if (DC == kMD && H == kMH) {  // register-tiled MLP (the released width)
+    MlpWeights W;
+    fill_mlp_weights<T>(W, w1, b1, w2, b2);
+    for_ranges(N, kChunk, n_ranges(N, kChunk), [&](int64_t, int64_t lo, int64_t hi) {
+      alignas(64) float mf[kTR * kMD], act[kTR * kMH], mo[kTR * kMD];
+      for (int64_t i0 = lo; i0 < hi; i0 += kTR) {
+        const int64_t n = std::min<int64_t>(kTR, hi - i0);
+        for (int64_t r = 0; r < kTR; ++r) {
+          if (r >= n) {
+            vst(mf + r * kMD, v16{});
+            continue;
+          }
+          const int64_t i = i0 + r, o = i * D;
+          const float *bg1 = mbp + (i % P) * D, *bsh = bg1 + PD, *bsc = bsh + PD;
+          const v16 yv = VR<T>(vld(xp + o) + VR<T>(vld(g1p + o) + vld(bg1)) * vld(hp + o));
+          vst(yp + o, yv);
+          const float rs = 1.f / std::sqrt(hsum(yv * yv) / static_cast<float>(kMD) + fe);
+          rp[i] = rs;
+          const v16 mv = VR<T>(VR<T>(vld(shp + o) + vld(bsh)) + VR<T>(yv * rs) * vld(wp) * VR<T>(vld(scp + o) + vld(bsc)));
+          vst(mp + o, mv);
+          vst(mf + r * kMD, mv);
+        }
+        tile_fc1_gelu<T>(W, mf, act, nullptr);
+        tile_fc2<T>(W, act, mo);
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t i = i0 + r, o = i * D;
+          const float* bgt = mbp + 3 * PD + (i % P) * D;
+          vst(op + o, vld(yp + o) + VR<T>(vld(gtp + o) + vld(bgt)) * vld(mo + r * kMD));
+        }
+      }
+    });
+    return;
+  }
   for_ranges(N, kChunk, n_ranges(N, kChunk), [&](int64_t, int64_t lo, int64_t hi) {
     for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
       const int64_t i1 = std::min(hi, i0 + kChunk);
@@ -358,7 +610,8 @@ std::vector<at::Tensor> mlp_residual_fwd(const at::Tensor& x, const at::Tensor& 
   at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
   at::Tensor w1t = w1.to(cd).t(), b1c = b1.to(cd), w2t = w2.to(cd).t(), b2c = b2.to(cd);
   const at::Tensor mbias = bias_table(mod_bias, 4, D, x);
-  DISPATCH(x, mlp_fwd_impl, x, h, g1, sh, sc, gt, w, w1t, b1c, w2t, b2c, eps, mbias, y, m, out, rstd);
+  DISPATCH(x, mlp_fwd_impl, x, h, g1, sh, sc, gt, w, w1t, b1c, w2t, b2c, eps, mbias, w1, b1, w2, b2, y, m, out,
+           rstd);
   return {out, y, m, rstd};
 }
 
@@ -366,7 +619,8 @@ template <typename T, int DC>
 void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& gt,
                   const at::Tensor& m, const at::Tensor& rstd, const at::Tensor& w, const at::Tensor& w1c,
                   const at::Tensor& b1c, const at::Tensor& w2c, const at::Tensor& b2c, const at::Tensor& h,
-                  const at::Tensor& g1, const at::Tensor& mbias, at::Tensor& dy, at::Tensor& dh, at::Tensor& dg1,
+                  const at::Tensor& g1, const at::Tensor& mbias, const at::Tensor& w1f, const at::Tensor& b1f,
+                  const at::Tensor& w2f, const at::Tensor& b2f, at::Tensor& dy, at::Tensor& dh, at::Tensor& dg1,
                   at::Tensor& dsh, at::Tensor& dsc, at::Tensor& dgt, at::Tensor& dnw_parts, at::Tensor& dw1_parts,
                   at::Tensor& db1_parts, at::Tensor& dw2_parts, at::Tensor& db2_parts, at::Tensor& dmb_parts) {
   const int64_t N = y.size(0), D_ = y.size(1);
@@ -380,6 +634,77 @@ void mlp_bwd_impl(const at::Tensor& G, const at::Tensor& y, const at::Tensor& sc
     *dgtp = dgt.data_ptr<T>();
   const int64_t P = mbias.size(1), PD = P * D;  // biases of gate1, shift, scale, gate: [4, P, D]
   const float* mbp = mbias.data_ptr<float>();
+  if (DC == kMD && H == kMH) {  // register-tiled MLP (the released width)
+    MlpWeights W;
+    fill_mlp_weights<T>(W, w1f, b1f, w2f, b2f);
+    const T* mp = m.data_ptr<T>();
+    T* dshp = dsh.data_ptr<T>();
+    for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
+      float* dnw = dnw_parts.data_ptr<float>() + k * D;
+      float* dmb = dmb_parts.data_ptr<float>() + k * 4 * PD;
+      alignas(64) float dw1[kMH * kMD] = {}, dw2t[kMH * kMD] = {}, db1[kMH] = {}, db2[kMD] = {};
+      alignas(64) float mf[kTR * kMD], act[kTR * kMH], dg[kTR * kMH], mo[kTR * kMD], dml[kTR * kMD],
+          dpre[kTR * kMH], dmf[kTR * kMD];
+      const v16 wv = vld(wp);
+      v16 dnwv = v16{};
+      for (int64_t i0 = lo; i0 < hi; i0 += kTR) {
+        const int64_t n = std::min<int64_t>(kTR, hi - i0);
+        for (int64_t r = 0; r < kTR; ++r) vst(mf + r * kMD, r < n ? vld(mp + (i0 + r) * D) : v16{});
+        // recompute fc1, GELU (keeping GELU') and fc2
+        tile_fc1_gelu<T>(W, mf, act, dg);
+        tile_fc2<T>(W, act, mo);
+        for (int64_t r = 0; r < kTR; ++r) {
+          if (r >= n) {
+            vst(dml + r * kMD, v16{});
+            continue;
+          }
+          const int64_t i = i0 + r, o = i * D, pd = (i % P) * D;
+          float* dbgt = dmb + 3 * PD + pd;
+          const v16 g = vld(gp + o);
+          const v16 dgt = VR<T>(g * vld(mo + r * kMD));
+          vst(dgtp + o, dgt);
+          vst(dbgt, vld(dbgt) + dgt);
+          vst(dml + r * kMD, VR<T>(g * VR<T>(vld(gtp + o) + vld(mbp + 3 * PD + pd))));
+        }
+        tile_mlp_backward<T>(W, mf, act, dg, dml, dpre, dw1, dw2t, db1, db2, dmf);
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t i = i0 + r;
+          const float rs = rp[i];
+          const int64_t o = i * D, pd = (i % P) * D;
+          float *dbg1 = dmb + pd, *dbsh = dmb + PD + pd, *dbsc = dmb + 2 * PD + pd;
+          const v16 dm = vld(dmf + r * kMD);
+          vst(dshp + o, dm);
+          const v16 xh = vld(yp + o) * rs, nb = VR<T>(xh);
+          const v16 ds = VR<T>(dm * nb * wv);
+          vst(dscp + o, ds);
+          vst(dbsc, vld(dbsc) + ds);
+          vst(dbsh, vld(dbsh) + dm);
+          const v16 dn = dm * VR<T>(vld(scp + o) + vld(mbp + 2 * PD + pd));
+          // backward of the norm: d w and d y
+          dnwv += dn * nb;
+          const v16 dxh = VR<T>(dn * wv);
+          const float proj = hsum(dxh * xh) / static_cast<float>(kMD);
+          const v16 dyc = VR<T>(vld(gp + o) + (dxh - xh * proj) * rs);
+          vst(dyp + o, dyc);
+          const v16 dgv = VR<T>(dyc * vld(hp + o));
+          vst(dg1p + o, dgv);
+          vst(dbg1, vld(dbg1) + dgv);
+          vst(dhp + o, dyc * VR<T>(vld(g1p + o) + vld(mbp + pd)));
+        }
+      }
+      vst(dnw, vld(dnw) + dnwv);
+      float *pw1 = dw1_parts.data_ptr<float>() + k * kMH * kMD, *pw2 = dw2_parts.data_ptr<float>() + k * kMD * kMH;
+      for (int j = 0; j < kMH; ++j)
+        for (int c = 0; c < kMD; ++c) {
+          pw1[j * kMD + c] += dw1[j * kMD + c];
+          pw2[c * kMH + j] += dw2t[j * kMD + c];
+        }
+      float *pb1 = db1_parts.data_ptr<float>() + k * kMH, *pb2 = db2_parts.data_ptr<float>() + k * kMD;
+      for (int j = 0; j < kMH; ++j) pb1[j] += db1[j];
+      for (int c = 0; c < kMD; ++c) pb2[c] += db2[c];
+    });
+    return;
+  }
   for_ranges(N, kChunk, dnw_parts.size(0), [&](int64_t k, int64_t lo, int64_t hi) {
     float* dnw = dnw_parts.data_ptr<float>() + k * D;
     float* dmb = dmb_parts.data_ptr<float>() + k * 4 * PD;
@@ -484,8 +809,8 @@ std::vector<at::Tensor> mlp_residual_bwd(const at::Tensor& G, const at::Tensor& 
   at::Tensor w1c = w1.to(cd), b1c = b1.to(cd), w2c = w2.to(cd), b2c = b2.to(cd);
   const at::Tensor mbias = bias_table(mod_bias, 4, D, y);
   at::Tensor dmb = at::zeros({T, 4, mbias.size(1), D}, f32);
-  DISPATCH(y, mlp_bwd_impl, G, y, sc, gt, m, rstd, w, w1c, b1c, w2c, b2c, h, g1, mbias, dy, dh, dg1, dsh, dsc, dgt,
-           dnw, dw1, db1, dw2, db2, dmb);
+  DISPATCH(y, mlp_bwd_impl, G, y, sc, gt, m, rstd, w, w1c, b1c, w2c, b2c, h, g1, mbias, w1, b1, w2, b2, dy, dh, dg1,
+           dsh, dsc, dgt, dnw, dw1, db1, dw2, db2, dmb);
   return {dy, dh, dg1, dsh, dsc, dgt, sum_ranges(dnw), sum_ranges(dw1), sum_ranges(db1), sum_ranges(dw2),
           sum_ranges(db2), sum_ranges(dmb)};
 }
