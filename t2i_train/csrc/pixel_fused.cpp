@@ -19,6 +19,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
@@ -138,7 +142,17 @@ struct MlpWeights {
   alignas(64) float w2[kMD * kMH];   // fc2 weight [o][j]
   alignas(64) float b1[kMH];
   alignas(64) float b2[kMD];
+  // the same four as bf16 pairs along the reduction index k, [k/2][n][2], for the bf16 dot-product instruction
+  alignas(64) uint16_t w1t_p[kMD * kMH], w1_p[kMH * kMD], w2t_p[kMH * kMD], w2_p[kMD * kMH];
 };
+
+// B [K][N] (float values that are bf16) as pairs [K/2][N][2] of bf16 bits
+inline void pack_pairs(const float* B, int K, int N, uint16_t* out) {
+  for (int k = 0; k < K; k += 2)
+    for (int n = 0; n < N; ++n)
+      for (int h = 0; h < 2; ++h)
+        out[(k / 2) * N * 2 + n * 2 + h] = static_cast<uint16_t>(bf16_bits(B[(k + h) * N + n]));
+}
 
 template <typename T>
 void fill_mlp_weights(MlpWeights& W, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -151,10 +165,38 @@ void fill_mlp_weights(MlpWeights& W, const at::Tensor& w1, const at::Tensor& b1,
     }
   for (int j = 0; j < kMH; ++j) W.b1[j] = R<T>(b1.data_ptr<float>()[j]);
   for (int c = 0; c < kMD; ++c) W.b2[c] = R<T>(b2.data_ptr<float>()[c]);
+  if (std::is_same_v<T, c10::BFloat16>) {
+    pack_pairs(W.w1t, kMD, kMH, W.w1t_p);
+    pack_pairs(W.w2, kMD, kMH, W.w2_p);
+    pack_pairs(W.w1, kMH, kMD, W.w1_p);
+    pack_pairs(W.w2t, kMH, kMD, W.w2t_p);
+  }
 }
 
-// acc[r] += a[r]·B for the tile's rows: a [kTR][16], B [16][64] (row k of B: the 64 outputs' weights of input k)
-inline void tile_16to64(const float* a, const float* B, v16 (&acc)[kTR][4]) {
+#if defined(__AVX512BF16__)
+// acc += Σ over the pair (a_lo, a_hi) · (B[k], B[k+1]) lane by lane: one VDPBF16PS (bf16 products, float32 sums)
+inline v16 dp_pair(v16 acc, float a_lo, float a_hi, const uint16_t* bp) {
+  const uint32_t pair = (__builtin_bit_cast(uint32_t, a_hi) & 0xffff0000u) | (__builtin_bit_cast(uint32_t, a_lo) >> 16);
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)),
+                          (__m512bh)_mm512_loadu_si512(bp));
+}
+#endif
+
+// acc[r] += a[r]·B for the tile's rows: a [kTR][16], B [16][64] (row k of B: the 64 outputs' weights of input k);
+// Bp: B as bf16 pairs (pack_pairs), used for T = bf16 where the CPU has the bf16 dot product
+template <typename T>
+inline void tile_16to64(const float* a, const float* B, const uint16_t* Bp, v16 (&acc)[kTR][4]) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a and B hold bf16 values: pairs of k per instruction
+    for (int k = 0; k < kMD; k += 2) {
+      const uint16_t* bk = Bp + (k / 2) * kMH * 2;
+      for (int r = 0; r < kTR; ++r)
+        for (int q = 0; q < 4; ++q) acc[r][q] = dp_pair(acc[r][q], a[r * kMD + k], a[r * kMD + k + 1], bk + 32 * q);
+    }
+    return;
+  }
+#endif
+  (void)Bp;
   for (int k = 0; k < kMD; ++k) {
     const v16 b0 = vld(B + k * kMH), b1 = vld(B + k * kMH + 16), b2 = vld(B + k * kMH + 32),
               b3 = vld(B + k * kMH + 48);
@@ -175,7 +217,7 @@ inline void tile_fc1_gelu(const MlpWeights& W, const float* m, float* act, float
   v16 acc[kTR][4];
   for (int r = 0; r < kTR; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = vld(W.b1 + 16 * q);
-  tile_16to64(m, W.w1t, acc);
+  tile_16to64<T>(m, W.w1t, W.w1t_p, acc);
   for (int r = 0; r < kTR; ++r)
     for (int q = 0; q < 4; ++q) vst(act + r * kMH + 16 * q, VR<T>(acc[r][q]));
   if (dgelu) {
@@ -189,22 +231,42 @@ inline void tile_fc1_gelu(const MlpWeights& W, const float* m, float* act, float
   }
 }
 
+// acc[r] += a[r]·B for the tile's rows: a [kTR][64], B [64][16]; Bp as in tile_16to64
+template <typename T>
+inline void tile_64to16(const float* a, const float* B, const uint16_t* Bp, v16 (&acc)[kTR]) {
+  v16 acc2[kTR];
+  for (int r = 0; r < kTR; ++r) acc2[r] = v16{};
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int k = 0; k < kMH; k += 4) {
+      const uint16_t *b0 = Bp + (k / 2) * kMD * 2, *b1 = b0 + kMD * 2;
+      for (int r = 0; r < kTR; ++r) {
+        acc[r] = dp_pair(acc[r], a[r * kMH + k], a[r * kMH + k + 1], b0);
+        acc2[r] = dp_pair(acc2[r], a[r * kMH + k + 2], a[r * kMH + k + 3], b1);
+      }
+    }
+    for (int r = 0; r < kTR; ++r) acc[r] += acc2[r];
+    return;
+  }
+#endif
+  (void)Bp;
+  for (int k = 0; k < kMH; k += 2) {
+    const v16 w0 = vld(B + k * kMD), w1 = vld(B + (k + 1) * kMD);
+    for (int r = 0; r < kTR; ++r) {
+      acc[r] += bc(a[r * kMH + k]) * w0;
+      acc2[r] += bc(a[r * kMH + k + 1]) * w1;
+    }
+  }
+  for (int r = 0; r < kTR; ++r) acc[r] += acc2[r];
+}
+
 // mo[r] = R(act[r]·W2ᵀ + b2) (act: [kTR][64], mo: [kTR][16])
 template <typename T>
 inline void tile_fc2(const MlpWeights& W, const float* act, float* mo) {
-  v16 a0[kTR], a1[kTR];
-  for (int r = 0; r < kTR; ++r) {
-    a0[r] = vld(W.b2);
-    a1[r] = v16{};
-  }
-  for (int j = 0; j < kMH; j += 2) {
-    const v16 w0 = vld(W.w2t + j * kMD), w1 = vld(W.w2t + (j + 1) * kMD);
-    for (int r = 0; r < kTR; ++r) {
-      a0[r] += bc(act[r * kMH + j]) * w0;
-      a1[r] += bc(act[r * kMH + j + 1]) * w1;
-    }
-  }
-  for (int r = 0; r < kTR; ++r) vst(mo + r * kMD, VR<T>(a0[r] + a1[r]));
+  v16 acc[kTR];
+  for (int r = 0; r < kTR; ++r) acc[r] = vld(W.b2);
+  tile_64to16<T>(act, W.w2t, W.w2t_p, acc);
+  for (int r = 0; r < kTR; ++r) vst(mo + r * kMD, VR<T>(acc[r]));
 }
 
 // Backward of the tile's MLP from dmlp [kTR][16] (d of the MLP output, T-rounded; zero on padding rows), with
@@ -230,7 +292,7 @@ inline void tile_mlp_backward(const MlpWeights& W, const float* m, const float* 
   v16 da[kTR][4];
   for (int r = 0; r < kTR; ++r)
     for (int q = 0; q < 4; ++q) da[r][q] = v16{};
-  tile_16to64(dmlp, W.w2, da);
+  tile_16to64<T>(dmlp, W.w2, W.w2_p, da);
   for (int q = 0; q < 4; ++q) {
     v16 s = v16{};
     for (int r = 0; r < kTR; ++r) {
@@ -241,22 +303,15 @@ inline void tile_mlp_backward(const MlpWeights& W, const float* m, const float* 
     vst(db1 + 16 * q, vld(db1 + 16 * q) + s);
   }
   // dW1[j] += Σ_r dpre[r][j] · m[r]; dm[r] = R(Σ_j dpre[r][j] · W1[j])
-  v16 d0[kTR], d1[kTR];
-  for (int r = 0; r < kTR; ++r) d0[r] = d1[r] = v16{};
-  for (int j = 0; j < kMH; j += 2) {
-    const v16 w0 = vld(W.w1 + j * kMD), w1 = vld(W.w1 + (j + 1) * kMD);
-    v16 s0 = v16{}, s1 = v16{};
-    for (int r = 0; r < kTR; ++r) {
-      const v16 p0 = bc(dpre[r * kMH + j]), p1 = bc(dpre[r * kMH + j + 1]);
-      s0 += p0 * mv[r];
-      s1 += p1 * mv[r];
-      d0[r] += p0 * w0;
-      d1[r] += p1 * w1;
-    }
-    vst(dw1 + j * kMD, vld(dw1 + j * kMD) + s0);
-    vst(dw1 + (j + 1) * kMD, vld(dw1 + (j + 1) * kMD) + s1);
+  for (int j = 0; j < kMH; ++j) {
+    v16 sj = bc(dpre[j]) * mv[0];
+    for (int r = 1; r < kTR; ++r) sj += bc(dpre[r * kMH + j]) * mv[r];
+    vst(dw1 + j * kMD, vld(dw1 + j * kMD) + sj);
   }
-  for (int r = 0; r < kTR; ++r) vst(dm + r * kMD, VR<T>(d0[r] + d1[r]));
+  v16 d[kTR];
+  for (int r = 0; r < kTR; ++r) d[r] = v16{};
+  tile_64to16<T>(dpre, W.w1, W.w1_p, d);
+  for (int r = 0; r < kTR; ++r) vst(dm + r * kMD, VR<T>(d[r]));
 }
 
 // Splits n rows into at most `ranges` contiguous ranges of whole chunks and runs body(range index, begin, end) for
