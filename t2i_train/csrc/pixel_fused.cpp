@@ -269,6 +269,38 @@ inline void tile_fc2(const MlpWeights& W, const float* act, float* mo) {
   for (int r = 0; r < kTR; ++r) vst(mo + r * kMD, VR<T>(acc[r]));
 }
 
+// dw[j] += Σ_r a[r][j] · b[r] over the tile's rows (a [kTR][64], dw [64][16]): a weight gradient. Under bf16
+// (a and b hold bf16 values) rows go in pairs through the bf16 dot product: lane c of a pair vector holds
+// (b[r][c], b[r+1][c]).
+template <typename T>
+inline void outer_accumulate(const float* a, const v16 (&b)[kTR], float* __restrict dw) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    static_assert(kTR == 4, "rows in two pairs");
+    const u16v lo = u16v{} + 0xffff0000u;
+    const u16v p01 = (reinterpret_cast<u16v>(b[1]) & lo) | (reinterpret_cast<u16v>(b[0]) >> 16);
+    const u16v p23 = (reinterpret_cast<u16v>(b[3]) & lo) | (reinterpret_cast<u16v>(b[2]) >> 16);
+    const __m512bh b01 = (__m512bh)p01, b23 = (__m512bh)p23;
+    for (int j = 0; j < kMH; ++j) {
+      v16 acc = vld(dw + j * kMD);
+      const uint32_t a01 = (__builtin_bit_cast(uint32_t, a[kMH + j]) & 0xffff0000u) |
+                           (__builtin_bit_cast(uint32_t, a[j]) >> 16);
+      const uint32_t a23 = (__builtin_bit_cast(uint32_t, a[3 * kMH + j]) & 0xffff0000u) |
+                           (__builtin_bit_cast(uint32_t, a[2 * kMH + j]) >> 16);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a01)), b01);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a23)), b23);
+      vst(dw + j * kMD, acc);
+    }
+    return;
+  }
+#endif
+  for (int j = 0; j < kMH; ++j) {
+    v16 sj = bc(a[j]) * b[0];
+    for (int r = 1; r < kTR; ++r) sj += bc(a[r * kMH + j]) * b[r];
+    vst(dw + j * kMD, vld(dw + j * kMD) + sj);
+  }
+}
+
 // Backward of the tile's MLP from dmlp [kTR][16] (d of the MLP output, T-rounded; zero on padding rows), with
 // act / dgelu from tile_fc1_gelu and m the tile's input: accumulates the weight gradients dw1 [j][c],
 // dw2t [j][o], db1, db2 and writes dm [kTR][16] = R(dpre·W1), d of the MLP input. `dpre` is scratch [kTR][64].
@@ -283,11 +315,7 @@ inline void tile_mlp_backward(const MlpWeights& W, const float* m, const float* 
   }
   vst(db2, vld(db2) + ((g[0] + g[1]) + (g[2] + g[3])));
   // dW2ᵀ[j] += Σ_r act[r][j] · dmlp[r]
-  for (int j = 0; j < kMH; ++j) {
-    v16 s = bc(act[j]) * g[0];
-    for (int r = 1; r < kTR; ++r) s += bc(act[r * kMH + j]) * g[r];
-    vst(dw2t + j * kMD, vld(dw2t + j * kMD) + s);
-  }
+  outer_accumulate<T>(act, g, dw2t);
   // d act = R(dmlp·W2), then d pre = R(d act · GELU')
   v16 da[kTR][4];
   for (int r = 0; r < kTR; ++r)
@@ -303,11 +331,7 @@ inline void tile_mlp_backward(const MlpWeights& W, const float* m, const float* 
     vst(db1 + 16 * q, vld(db1 + 16 * q) + s);
   }
   // dW1[j] += Σ_r dpre[r][j] · m[r]; dm[r] = R(Σ_j dpre[r][j] · W1[j])
-  for (int j = 0; j < kMH; ++j) {
-    v16 sj = bc(dpre[j]) * mv[0];
-    for (int r = 1; r < kTR; ++r) sj += bc(dpre[r * kMH + j]) * mv[r];
-    vst(dw1 + j * kMD, vld(dw1 + j * kMD) + sj);
-  }
+  outer_accumulate<T>(dpre, mv, dw1);
   v16 d[kTR];
   for (int r = 0; r < kTR; ++r) d[r] = v16{};
   tile_64to16<T>(dpre, W.w1, W.w1_p, d);
