@@ -396,10 +396,14 @@ class _ChunkMajor(torch.autograd.Function):
         wv = weight.view(groups, pieces, -1, weight.shape[-1])
         ctx.shape, ctx.groups, ctx.pieces = weight.shape, groups, pieces
         ctx.like = dict(dtype=weight.dtype, device=weight.device)
+        # one out-of-place op per piece (a cast, or a clone without autocast): selective checkpointing sees a
+        # copy of a parameter (models.wrapping keeps the casts rather than redoing them)
         out = []
         for k in range(pieces):
-            w = torch.empty(wv[:, k].shape, dtype=dtype, device=weight.device)
-            out.append(w.copy_(wv[:, k]).view(-1, weight.shape[-1]))
+            piece = wv[:, k]
+            w = piece.contiguous() if dtype == weight.dtype else \
+                piece.to(dtype=dtype, memory_format=torch.contiguous_format)
+            out.append(w.view(-1, weight.shape[-1]))
         return tuple(out)
 
     @staticmethod

@@ -9,6 +9,9 @@ Policies:
              of the native fused pixel MLP, recompute everything else in backward: norms, modulations'
              elementwise work, residuals (and the pixel-level MLP where it runs op by op or in Python loops:
              its matmuls contract only D_pix channels).
+             Under autocast the low-precision copies of parameters are kept too: the forward makes them
+             anyway and the backward needs them, their size is the block's parameter count (not growing
+             with batch or resolution), and recasting them is a pass over the weights for nothing.
   full       keep only the block's inputs; recompute the whole block in backward.
 """
 from __future__ import annotations
@@ -49,10 +52,22 @@ def normalize_ac_policy(value) -> str:
 _KEPT_NATIVE = {"pixdit_fused::mlp_residual_fwd"}
 
 
+def _is_parameter_cast(op, args, kwargs) -> bool:
+    """A dtype cast of a parameter or of a view of one (autocast's bf16 copy of a weight)."""
+    if op is not _aten._to_copy.default:
+        return False
+    src, dtype = args[0], kwargs.get("dtype")
+    if dtype is None or dtype == src.dtype:
+        return False
+    return isinstance(src, torch.nn.Parameter) or isinstance(getattr(src, "_base", None), torch.nn.Parameter)
+
+
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in _ATTENTION:
         return CheckpointPolicy.MUST_SAVE
     if op.namespace == "pixdit_fused" and op.name() in _KEPT_NATIVE:
+        return CheckpointPolicy.MUST_SAVE
+    if _is_parameter_cast(op, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     if op in _MATMULS:
         lhs = args[_MATMULS[op] - 1]
