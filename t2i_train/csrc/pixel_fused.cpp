@@ -105,6 +105,17 @@ inline v16 vld(const c10::BFloat16* p) {
 }
 inline void vst(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 inline v16 bc(float s) { return v16{} + s; }
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+// Σ v as ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7)) with s_k = v_k + v_{k+8}, in registers
+#if defined(__clang__) || __GNUC__ >= 12
+inline float hsum(v16 v) {
+  const v8 s = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 t = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+#else  // no __builtin_shufflevector: the same sums through memory
 inline float hsum(v16 v) {
   float a[16];
   vst(a, v);
@@ -112,6 +123,7 @@ inline float hsum(v16 v) {
   for (int k = 0; k < 8; ++k) s8[k] = a[k] + a[k + 8];
   return ((s8[0] + s8[4]) + (s8[1] + s8[5])) + ((s8[2] + s8[6]) + (s8[3] + s8[7]));
 }
+#endif
 
 // R<T> on a vector, and a vector of T rounded values stored as float (a scratch row)
 template <typename T>
@@ -174,11 +186,26 @@ void fill_mlp_weights(MlpWeights& W, const at::Tensor& w1, const at::Tensor& b1,
 }
 
 #if defined(__AVX512BF16__)
-// acc += Σ over the pair (a_lo, a_hi) · (B[k], B[k+1]) lane by lane: one VDPBF16PS (bf16 products, float32 sums)
-inline v16 dp_pair(v16 acc, float a_lo, float a_hi, const uint16_t* bp) {
-  const uint32_t pair = (__builtin_bit_cast(uint32_t, a_hi) & 0xffff0000u) | (__builtin_bit_cast(uint32_t, a_lo) >> 16);
+// acc += Σ over the pair (a_lo, a_hi) · (B[k], B[k+1]) lane by lane: one VDPBF16PS (bf16 products, float32 sums);
+// `pair` holds a_lo's bf16 bits in its low half and a_hi's in its high half (broadcast from memory)
+inline v16 dp_pair(v16 acc, uint32_t pair, const uint16_t* bp) {
   return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)),
                           (__m512bh)_mm512_loadu_si512(bp));
+}
+// The pairs (a[2k], a[2k+1]) of n floats holding bf16 values (n a multiple of 16) as n/2 words in p: one
+// conversion per 16 values (exact: the values are bf16 already) instead of building each word in scalar code
+inline void row_pairs(const float* a, int n, uint32_t* p) {
+  for (int k = 0; k < n; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k / 2),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + k)));
+}
+// The pairs (a0[j], a1[j]) of two rows of n floats holding bf16 values as n words in p (lane-wise bit ops)
+inline void rows_interleaved(const float* a0, const float* a1, int n, uint32_t* p) {
+  const u16v hi = u16v{} + 0xffff0000u;
+  for (int j = 0; j < n; j += 16) {
+    const u16v w = (reinterpret_cast<u16v>(vld(a1 + j)) & hi) | (reinterpret_cast<u16v>(vld(a0 + j)) >> 16);
+    *reinterpret_cast<u16v*>(p + j) = w;
+  }
 }
 #endif
 
@@ -188,10 +215,12 @@ template <typename T>
 inline void tile_16to64(const float* a, const float* B, const uint16_t* Bp, v16 (&acc)[kTR][4]) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a and B hold bf16 values: pairs of k per instruction
+    alignas(64) uint32_t ap[kTR][kMD / 2];
+    for (int r = 0; r < kTR; ++r) row_pairs(a + r * kMD, kMD, ap[r]);
     for (int k = 0; k < kMD; k += 2) {
       const uint16_t* bk = Bp + (k / 2) * kMH * 2;
       for (int r = 0; r < kTR; ++r)
-        for (int q = 0; q < 4; ++q) acc[r][q] = dp_pair(acc[r][q], a[r * kMD + k], a[r * kMD + k + 1], bk + 32 * q);
+        for (int q = 0; q < 4; ++q) acc[r][q] = dp_pair(acc[r][q], ap[r][k / 2], bk + 32 * q);
     }
     return;
   }
@@ -238,11 +267,13 @@ inline void tile_64to16(const float* a, const float* B, const uint16_t* Bp, v16 
   for (int r = 0; r < kTR; ++r) acc2[r] = v16{};
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    alignas(64) uint32_t ap[kTR][kMH / 2];
+    for (int r = 0; r < kTR; ++r) row_pairs(a + r * kMH, kMH, ap[r]);
     for (int k = 0; k < kMH; k += 4) {
       const uint16_t *b0 = Bp + (k / 2) * kMD * 2, *b1 = b0 + kMD * 2;
       for (int r = 0; r < kTR; ++r) {
-        acc[r] = dp_pair(acc[r], a[r * kMH + k], a[r * kMH + k + 1], b0);
-        acc2[r] = dp_pair(acc2[r], a[r * kMH + k + 2], a[r * kMH + k + 3], b1);
+        acc[r] = dp_pair(acc[r], ap[r][k / 2], b0);
+        acc2[r] = dp_pair(acc2[r], ap[r][k / 2 + 1], b1);
       }
     }
     for (int r = 0; r < kTR; ++r) acc[r] += acc2[r];
@@ -281,14 +312,13 @@ inline void outer_accumulate(const float* a, const v16 (&b)[kTR], float* __restr
     const u16v p01 = (reinterpret_cast<u16v>(b[1]) & lo) | (reinterpret_cast<u16v>(b[0]) >> 16);
     const u16v p23 = (reinterpret_cast<u16v>(b[3]) & lo) | (reinterpret_cast<u16v>(b[2]) >> 16);
     const __m512bh b01 = (__m512bh)p01, b23 = (__m512bh)p23;
+    alignas(64) uint32_t a01[kMH], a23[kMH];
+    rows_interleaved(a, a + kMH, kMH, a01);
+    rows_interleaved(a + 2 * kMH, a + 3 * kMH, kMH, a23);
     for (int j = 0; j < kMH; ++j) {
       v16 acc = vld(dw + j * kMD);
-      const uint32_t a01 = (__builtin_bit_cast(uint32_t, a[kMH + j]) & 0xffff0000u) |
-                           (__builtin_bit_cast(uint32_t, a[j]) >> 16);
-      const uint32_t a23 = (__builtin_bit_cast(uint32_t, a[3 * kMH + j]) & 0xffff0000u) |
-                           (__builtin_bit_cast(uint32_t, a[2 * kMH + j]) >> 16);
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a01)), b01);
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a23)), b23);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a01[j])), b01);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a23[j])), b23);
       vst(dw + j * kMD, acc);
     }
     return;
