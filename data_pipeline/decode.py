@@ -113,8 +113,9 @@ def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
     """Bytes -> RGB pixels of the bucket's exact size, and the bucket (``reduced=False``: always full decoding).
 
     The pixels are a PIL image, or an HWC uint8 array when a decoded JPEG needed only cropping (a view: no copy
-    until the batch is filled) or cropping on the pixel grid and resizing (torch's resize, see
-    :func:`_resize_array`). The bucket and the crop come from the oriented full-size header
+    until the batch is filled) or resizing (torch's resize, see :func:`_resize_array`): of the crop when its box
+    lies on the decoded pixel grid, else of the whole decoded image to the resize-to-cover size, then cropped at
+    the crop's integer offsets there, which samples exactly what PIL's resize of the fractional box samples. The bucket and the crop come from the oriented full-size header
     dimensions, so reduced-size decoding changes neither: the crop box (in source coordinates) is scaled by the
     decoder's n/8. Reduced-size decoding is used only when the source has at least twice the pixels the
     resize needs on both sides (smaller reductions cost more quality than they save time).
@@ -132,18 +133,30 @@ def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
         needed = img.size
     th, tw = bucket
     pixels, scale = _decode_jpeg(data, img, needed)
+    grid = round(box[0] * rw / width), round(box[1] * rh / height)  # the crop's offsets in the (rw, rh) grid
     box = tuple(v * scale for v in box)  # in decoded pixels
     whole = _whole_pixels(box)
     if pixels is not None and orientation == 1 and whole:  # stay in the decoder's array
         left, top, right, bottom = whole
         crop = pixels[top:bottom, left:right]
         return (crop if (right - left, bottom - top) == (tw, th) else _resize_array(crop, bucket)), bucket
+    if pixels is not None and orientation == 1 and rw * rh <= _MAX_GRID_RESIZE * tw * th:
+        # The crop is whole in the resize-to-cover grid (cover_box's offsets are integers there), and PIL's
+        # resize of the box samples exactly the pixels of the whole image resized to (rw, rh) at those offsets:
+        # resize the decoded image whole with torch's kernel, then crop (no PIL resample of a fractional box).
+        left, top = grid
+        return _resize_array(pixels, (rh, rw))[top:top + th, left:left + tw], bucket
     img = img if pixels is None else Image.fromarray(pixels)
     img.load()
     img = to_rgb(exif_transpose(img, orientation))
     if whole and (whole[2] - whole[0], whole[3] - whole[1]) == (tw, th):
         return (img.crop(whole) if whole != (0, 0, tw, th) else img), bucket
     return img.resize((tw, th), resample=Image.BICUBIC, box=box), bucket
+
+
+# The whole-image resize costs up to this many times the crop's pixels; beyond (long panoramas in a square
+# bucket) PIL resamples only the box.
+_MAX_GRID_RESIZE = 2
 
 
 def _whole_pixels(box) -> Optional[Tuple[int, int, int, int]]:
