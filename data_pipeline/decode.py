@@ -115,10 +115,11 @@ def decode_to_bucket(data: bytes, spec: BucketSpec, rng: random.Random,
     The pixels are a PIL image, or an HWC uint8 array when a decoded JPEG needed only cropping (a view: no copy
     until the batch is filled) or resizing (torch's resize, see :func:`_resize_array`): of the crop when its box
     lies on the decoded pixel grid, else of the whole decoded image to the resize-to-cover size, then cropped at
-    the crop's integer offsets there, which samples exactly what PIL's resize of the fractional box samples. The bucket and the crop come from the oriented full-size header
-    dimensions, so reduced-size decoding changes neither: the crop box (in source coordinates) is scaled by the
-    decoder's n/8. Reduced-size decoding is used only when the source has at least twice the pixels the
-    resize needs on both sides (smaller reductions cost more quality than they save time).
+    the crop's integer offsets there, which samples exactly what PIL's resize of the fractional box samples.
+    The bucket and the crop come from the oriented full-size header dimensions, so reduced-size decoding
+    changes neither: the crop box (in source coordinates) is scaled by the decoder's n/8. Reduced-size decoding
+    is used only when the source has at least twice the pixels the resize needs on both sides (smaller
+    reductions cost more quality than they save time).
     """
     img = open_image(data, max_pixels)
     orientation = exif_orientation(img)
