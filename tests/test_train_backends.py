@@ -43,10 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, run_name: str, **backend) -> Path:
+def write_config(tmp: Path, run_name: str, model: dict | None = None, **backend) -> Path:
     cfg = {
         "run": {"name": run_name, "output_dir": str(tmp / "runs"), "seed": 0, "max_steps": STEPS},
-        "model": {"spec": "pixeldit_tiny_t2i"},
+        "model": {"spec": "pixeldit_tiny_t2i", **(model or {})},
         "objective": {"cond_drop_prob": 0.0, "shift": 1.0},
         "data": {"source": "fixed", "fixed_image_size": 16, "fixed_num_samples": 4},
         "optim": {"lr": 1.0e-2, "warmup_steps": 5, "grad_clip": 1.0},
@@ -102,7 +102,12 @@ def runs(tmp_path_factory):
             write_config(tmp, "zero3", name="deepspeed", zero_stage=3),
             write_config(tmp, "fsdp", name="fsdp"),
             write_config(tmp, "ddp", name="ddp"),
-            write_config(tmp, "zero2_accum2", name="deepspeed", zero_stage=2, micro_batch=1, grad_accum=2)]
+            write_config(tmp, "zero2_accum2", name="deepspeed", zero_stage=2, micro_batch=1, grad_accum=2),
+            # selective checkpointing: the blocks' hand-written regions take weights straight from their
+            # submodules, which ZeRO-3 and FSDP2 must have gathered
+            write_config(tmp, "zero3_selective", model={"activation_checkpointing": "selective"},
+                         name="deepspeed", zero_stage=3),
+            write_config(tmp, "fsdp_selective", model={"activation_checkpointing": "selective"}, name="fsdp")]
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                         str(tmp / "worker.py"), *map(str, cfgs)], env=env(), cwd=tmp, capture_output=True, text=True,
                        timeout=600)
@@ -121,7 +126,8 @@ def test_overfits_fixed_batch(runs, name):
           f"(x{last / first:.3f})")
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "ddp", "zero2_accum2"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "ddp", "zero2_accum2", "zero3_selective",
+                                  "fsdp_selective"])
 def test_backends_agree_with_single_process(runs, name):
     """Same global batch (4) and micro-shards: 2 ranks × 2 vs 1 × (2 + 2); 2 ranks × (1 + 1) vs 1 × 4 × 1."""
     single = "single_accum4" if name.endswith("accum2") else "single"

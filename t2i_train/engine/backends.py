@@ -244,6 +244,13 @@ class DeepSpeedBackend(Backend):
         self.ds_config = deepspeed_config(cfg, d.world_size())
         self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         optimizer = build_optimizer(self.trainable(), cfg.optim)
+        if self.stage == 3:
+            # ZeRO-3 gathers a block's parameters as a whole when the block runs, like FSDP2's per-block units,
+            # not submodule by submodule: the blocks' selective checkpointing takes weights from submodules it
+            # does not call (models.recompute), and per-submodule hooks on fine-grained layers cost time anyway
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(self.raw, list(dict.fromkeys(type(u) for u in self.raw.model.shard_units())))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.raw, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.wrapped = self.engine

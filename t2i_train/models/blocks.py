@@ -6,15 +6,70 @@ across patches through pixel token compaction.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import chunk_major, folds_bias, fused_applies, norm_linear, norm_scale, pixel_mlp_residual
-from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
+from .fused import (chunk_major, folds_bias, fused_applies, norm_linear, norm_scale, norm_scale_w,
+                    pixel_mlp_residual)
+from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, rms_norm, sincos_2d
+from .recompute import linears_of_recomputed
+from .wrapping import selective_region
 
 
-class DiTBlock(nn.Module):
+def _norm_modulate(x, weight, shift, scale, eps):
+    return modulate(rms_norm(x, weight, eps), shift, scale)
+
+
+def _residual_norm_modulate(x, gate, branch, weight, shift, scale, eps):
+    return modulate(rms_norm(torch.addcmul(x, gate, branch), weight, eps), shift, scale)
+
+
+def _swiglu_hidden(g, u):
+    return F.silu(g) * u
+
+
+def _pixel_norm_scale(x, scale, norm_w, shift, scale_bias, eps, shape):
+    return norm_scale_w(x, scale, norm_w, eps, shift, scale_bias).reshape(shape)
+
+
+class _RecomputingBlock(nn.Module):
+    """`selective` activation checkpointing built from the block's structure (models.recompute) instead of op by
+    op: the model sets `recompute_regions` under `selective` while the block runs eagerly; compiled blocks keep
+    the op-by-op policy, which torch.compile applies at no runtime cost. Outputs are bit-identical to the plain
+    forward, and what is kept is what the op-by-op policy keeps."""
+
+    recompute_regions = False
+
+    def _regions(self) -> bool:
+        return self.recompute_regions and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+class _PatchBlock(_RecomputingBlock):
+    """What the patch-level blocks share under `recompute_regions`."""
+
+    @staticmethod
+    def _qkv(x, norm, mods, qkv):
+        """(norm(x) ⊙ (1 + scale1) + shift1) Wᵀ; the normalised input is recomputed in backward."""
+        (out,) = linears_of_recomputed(partial(_norm_modulate, eps=norm.eps),
+                                       (x, norm.weight, mods[0], mods[1]), [qkv.weight])
+        return out
+
+    @staticmethod
+    def _after_attention(x, mods, attn_out, norm, mlp):
+        """x + gate1 ⊙ attn, then the gated SwiGLU residual. The residual sum (again), its norm and modulation
+        and the MLP's hidden product are recomputed in backward; the MLP's matmul outputs are kept."""
+        _, _, gate1, shift2, scale2, gate2 = mods
+        g, u = linears_of_recomputed(partial(_residual_norm_modulate, eps=norm.eps),
+                                     (x, gate1, attn_out, norm.weight, shift2, scale2),
+                                     [mlp.gate.weight, mlp.up.weight])
+        (m,) = linears_of_recomputed(_swiglu_hidden, (g, u), [mlp.down.weight])
+        return torch.addcmul(torch.addcmul(x, gate1, attn_out), gate2, m)
+
+
+class DiTBlock(_PatchBlock):
     """Patch-level block: RMSNorm + AdaLN-modulated self-attention and SwiGLU, gated residuals."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
@@ -26,13 +81,18 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Linear(dim, 6 * dim)
 
     def forward(self, x, c, rope):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        mods = self.modulation(c).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        if self._regions():
+            qkv = self._qkv(x, self.norm1, mods, self.attn.qkv)
+            attn = selective_region(self.attn.attend, qkv, rope)
+            return self._after_attention(x, mods, attn, self.norm2, self.mlp)
         x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
         x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x
 
 
-class MMDiTBlock(nn.Module):
+class MMDiTBlock(_PatchBlock):
     """Patch-level text-to-image block: separate image/text weights, one joint attention."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
@@ -48,8 +108,17 @@ class MMDiTBlock(nn.Module):
         self.txt_modulation = nn.Linear(dim, 6 * dim)
 
     def forward(self, img, txt, c, img_rope, txt_rope=None, attn_mask=None):
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_modulation(c).chunk(6, dim=-1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_modulation(c).chunk(6, dim=-1)
+        i_mods = self.img_modulation(c).chunk(6, dim=-1)
+        t_mods = self.txt_modulation(c).chunk(6, dim=-1)
+        if self._regions():
+            qkv_i = self._qkv(img, self.img_norm1, i_mods, self.attn.img_qkv)
+            qkv_t = self._qkv(txt, self.txt_norm1, t_mods, self.attn.txt_qkv)
+            img_attn, txt_attn = selective_region(self.attn.attend, qkv_i, qkv_t, img_rope, txt_rope, attn_mask)
+            img = self._after_attention(img, i_mods, img_attn, self.img_norm2, self.img_mlp)
+            txt = self._after_attention(txt, t_mods, txt_attn, self.txt_norm2, self.txt_mlp)
+            return img, txt
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = i_mods
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = t_mods
         img_attn, txt_attn = self.attn(
             modulate(self.img_norm1(img), i_shift1, i_scale1),
             modulate(self.txt_norm1(txt), t_shift1, t_scale1),
@@ -85,7 +154,7 @@ class PixelTokenEmbedder(nn.Module):
         return tok.reshape(B * hp * wp, patch * patch, self.dim)
 
 
-class PiTBlock(nn.Module):
+class PiTBlock(_RecomputingBlock):
     """Pixel Transformer block.
 
     - Pixel-wise AdaLN: the patch condition s [B·L, D] is mapped to p²·6·D_pix values, i.e. a distinct
@@ -148,10 +217,16 @@ class PiTBlock(nn.Module):
         return tokens * cond_dim * pix > self.attn_dim * pix * cond_dim + tokens * cond_dim * self.attn_dim
 
     def forward(self, x, s_cond, batch: int, rope):
+        fused = self.fused and fused_applies(x)
+        if self._regions() and not fused:  # op by op: the dispatch-mode policy over the whole block
+            return selective_region(self._forward, x, s_cond, batch, rope, False, False)
+        return self._forward(x, s_cond, batch, rope, fused, self._regions())
+
+    def _forward(self, x, s_cond, batch: int, rope, fused: bool, regions: bool):
+        """`regions`: `selective` from the structure (fused path only): the fused norm ⊙ scale feeding the
+        compaction is recomputed in backward, the attention core runs under the dispatch-mode policy."""
         BL, P2, D = x.shape
         w, b = self._chunk_major_modulation()
-
-        fused = self.fused and fused_applies(x)
         # where the fused kernels add the modulation biases themselves (native kernels), the modulation GEMMs
         # run without them: no bias broadcast per GEMM, no separate bias-gradient reductions
         fold_bias = fused and folds_bias(self.norm1)
@@ -165,7 +240,19 @@ class PiTBlock(nn.Module):
         def fused_bias(k):
             return b[k] if fold_bias else None
 
-        if self.fold_shift and self.shift_fold_pays(BL):
+        fold = self.fold_shift and self.shift_fold_pays(BL)
+        if regions:  # the compaction's input u = norm1(x) ⊙ scale1 (+ shift1) is not kept
+            shape = (BL, P2 * D) if fold else (batch, BL // batch, P2 * D)
+            prologue = partial(_pixel_norm_scale, eps=self.norm1.eps, shape=shape)
+            wc = self.compact.weight
+            if fold:
+                shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
+                inputs, add = (x, fused_mod(1), self.norm1.weight, None, fused_bias(1)), shift_term
+            else:
+                inputs, add = (x, fused_mod(1), self.norm1.weight, modulation(0), fused_bias(1)), self.compact.bias
+            (h,) = linears_of_recomputed(prologue, inputs, [wc], [add])
+            h = h.view(batch, BL // batch, -1)
+        elif fold:
             wc = self.compact.weight
             shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
             h = norm_scale(x, fused_mod(1), self.norm1, scale_bias=fused_bias(1)) if fused \
@@ -176,7 +263,8 @@ class PiTBlock(nn.Module):
             h = norm_scale(x, fused_mod(1), self.norm1, shift1, scale_bias=fused_bias(1)) if fused \
                 else torch.addcmul(shift1, self.norm1(x), modulation(1))
             h = self.compact(h.reshape(batch, BL // batch, P2 * D))
-        h = self.expand(self.attn(h, rope)).view(BL, P2, D)
+        h = selective_region(self.attn.attend, self.attn.qkv(h), rope) if regions else self.attn(h, rope)
+        h = self.expand(h).view(BL, P2, D)
         if fused:  # x + gate1 ⊙ h and the pixel MLP sub-block in one pass
             return pixel_mlp_residual(x, fused_mod(3), fused_mod(4), fused_mod(5), self.norm2, self.mlp,
                                       attn=h, gate1=fused_mod(2), biases=[fused_bias(k) for k in (2, 3, 4, 5)])

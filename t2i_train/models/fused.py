@@ -452,9 +452,14 @@ def folds_bias(norm) -> bool:
 def norm_scale(x, scale, norm, shift=None, scale_bias=None):
     """norm(x) ⊙ (scale + scale_bias) (+ shift) for a PiT block's `norm` (RMSNorm), in x's dtype; `scale`
     [..., P, D] may come without its bias [P·D] (see folds_bias)."""
-    if scale_bias is not None and not folds_bias(norm):
+    return norm_scale_w(x, scale, norm.weight, norm.eps, shift, scale_bias)
+
+
+def norm_scale_w(x, scale, norm_w, eps, shift=None, scale_bias=None):
+    """norm_scale with the norm's gain `norm_w` and `eps` given apart."""
+    if scale_bias is not None and not _use_native(norm_w):
         scale, scale_bias = _with_bias(scale, scale_bias), None
-    return _NormScale.apply(x, shift, scale, norm.weight, norm.eps, scale_bias)
+    return _NormScale.apply(x, shift, scale, norm_w, eps, scale_bias)
 
 
 def norm_linear(x, norm, linear):

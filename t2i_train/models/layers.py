@@ -36,11 +36,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused pass; same result as normalising, then scaling
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        dtype = x.dtype
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's forward as a function (statistics in float32, result in x's dtype)."""
+    if x.dtype == torch.float32:  # one fused pass; same result as normalising, then scaling
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -148,12 +151,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)
+        return self.attend(self.qkv(x), rope)
+
+    def attend(self, qkv: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Everything after the qkv projection: qkv [B, N, 3·C] → projected attention output [B, N, C]."""
+        B, N, C3 = qkv.shape
+        qkv = qkv.view(B, N, 3, self.heads, self.head_dim)
         qk = apply_rope(qk_norm(qkv[:, :, :2], self.q_norm, self.k_norm), rope)
         q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, qkv[:, :, 2].transpose(1, 2))
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C3 // 3))
 
 
 def joint_attention_mask(key_mask: torch.Tensor | None, n_img: int) -> torch.Tensor | None:
@@ -185,10 +192,15 @@ class JointAttention(nn.Module):
         self.txt_proj = nn.Linear(dim, dim)
 
     def forward(self, img, txt, img_rope, txt_rope=None, attn_mask=None):
-        B, Ni, C = img.shape
-        Nt = txt.shape[1]
-        qkv_i = self.img_qkv(img).view(B, Ni, 3, self.heads, self.head_dim)
-        qkv_t = self.txt_qkv(txt).view(B, Nt, 3, self.heads, self.head_dim)
+        return self.attend(self.img_qkv(img), self.txt_qkv(txt), img_rope, txt_rope, attn_mask)
+
+    def attend(self, qkv_i, qkv_t, img_rope, txt_rope=None, attn_mask=None):
+        """Everything after the qkv projections: image and text qkv [B, N, 3·C] → projected attention outputs
+        [B, N, C] of both streams."""
+        B, Ni, C3 = qkv_i.shape
+        Nt, C = qkv_t.shape[1], C3 // 3
+        qkv_i = qkv_i.view(B, Ni, 3, self.heads, self.head_dim)
+        qkv_t = qkv_t.view(B, Nt, 3, self.heads, self.head_dim)
         qk_i = apply_rope(qk_norm(qkv_i[:, :, :2], self.img_q_norm, self.img_k_norm), img_rope)
         qk_t = qk_norm(qkv_t[:, :, :2], self.txt_q_norm, self.txt_k_norm)
         if txt_rope is not None:
@@ -198,9 +210,7 @@ class JointAttention(nn.Module):
         v = torch.cat([qkv_t[:, :, 2], qkv_i[:, :, 2]], dim=1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2)
-        txt_out = self.txt_proj(out[:, :Nt].reshape(B, Nt, C))
-        img_out = self.img_proj(out[:, Nt:].reshape(B, Ni, C))
-        return img_out, txt_out
+        return self.img_proj(out[:, Nt:].reshape(B, Ni, C)), self.txt_proj(out[:, :Nt].reshape(B, Nt, C))
 
 
 # --------------------------------------------------------------------------------------------------

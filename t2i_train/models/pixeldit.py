@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .blocks import DiTBlock, FinalLayer, MMDiTBlock, PiTBlock, PixelTokenEmbedder
 from .layers import RMSNorm, TimestepEmbedder, joint_attention_mask, rope_1d, rope_2d
-from .wrapping import compile_blocks, normalize_ac_policy, run_block
+from .wrapping import compile_blocks, normalize_ac_policy, run_block, set_recompute_regions
 
 DEFAULTS: dict[str, Any] = dict(
     arch="c2i",
@@ -114,6 +114,7 @@ class PixelDiT(nn.Module):
             PiTBlock(cfg["pixel_dim"], D, p, cfg["pixel_attn_dim"], cfg["pixel_attn_heads"], cfg["mlp_ratio"])
             for _ in range(cfg["pixel_depth"]))
         self.final = FinalLayer(cfg["pixel_dim"], C)
+        set_recompute_regions(self.shard_units(), self.grad_checkpointing, self.compiled)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------
@@ -136,12 +137,14 @@ class PixelDiT(nn.Module):
         """'none' | 'selective' | 'full' per block (a boolean means 'full' / 'none')."""
         self.grad_checkpointing = normalize_ac_policy(policy)
         self.config["grad_checkpointing"] = self.grad_checkpointing
+        set_recompute_regions(self.shard_units(), self.grad_checkpointing, self.compiled)
 
     def compile_blocks(self):
         """Regional torch.compile: each transformer block is compiled in place (see models.wrapping)."""
         if not self.compiled:
             compile_blocks(self.shard_units())
             self.compiled = True
+            set_recompute_regions(self.shard_units(), self.grad_checkpointing, self.compiled)
 
     @contextlib.contextmanager
     def nominal_flops(self):

@@ -12,6 +12,9 @@ Policies:
              Under autocast the low-precision copies of parameters are kept too: the forward makes them
              anyway and the backward needs them, their size is the block's parameter count (not growing
              with batch or resolution), and recasting them is a pass over the weights for nothing.
+             Eager blocks apply it from their structure (models.recompute: no per-op dispatch mode; only
+             the attention core goes through the op-by-op policy below); compiled blocks and the op-by-op
+             pixel path use the policy below throughout.
   full       keep only the block's inputs; recompute the whole block in backward.
 """
 from __future__ import annotations
@@ -80,13 +83,30 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(selective_policy)
 
 
+def selective_region(fn, *args):
+    """`fn(*args)` under the selective policy (op by op, through a dispatch mode)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts)
+
+
 def run_block(policy: str, block, *args):
-    """Call `block(*args)` under the activation-checkpointing `policy` (plain call without autograd)."""
+    """Call `block(*args)` under the activation-checkpointing `policy` (plain call without autograd).
+    Blocks with `recompute_regions` set apply `selective` themselves (models.recompute)."""
     if policy == "none" or not torch.is_grad_enabled():
         return block(*args)
     if policy == "selective":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts)
+        if getattr(block, "recompute_regions", False) and not torch.compiler.is_compiling():
+            return block(*args)
+        return selective_region(block, *args)
     return checkpoint(block, *args, use_reentrant=False)
+
+
+def set_recompute_regions(blocks, policy: str, compiled: bool) -> None:
+    """Under `selective`, eager blocks that can (the patch-level ones) apply it from their structure."""
+    for block in blocks:
+        if hasattr(block, "recompute_regions"):
+            block.recompute_regions = policy == "selective" and not compiled
 
 
 def compile_wanted(setting, device) -> bool:
