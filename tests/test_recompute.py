@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from t2i_train.models import build_model
 from t2i_train.models.layers import modulate, rms_norm
-from t2i_train.models.recompute import linears_of_recomputed
+from t2i_train.models.recompute import NormModulate, linears_of_recomputed
 from t2i_train.tools.memplan import _inputs
 
 
@@ -85,6 +85,34 @@ def test_linears_of_recomputed_bf16_autocast_matches_autocast_linear():
     for a, b in zip(_grads(ref, leaves), _grads(got, leaves)):
         assert b.dtype == a.dtype == torch.float32
         assert (b - a).norm() <= 1e-2 * a.norm(), ((b - a).norm(), a.norm())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("mod_dtype", [torch.float32, torch.bfloat16])
+def test_norm_modulate_backward_equals_autograd(residual, mod_dtype):
+    """NormModulate's written-out backward (float32 stream; modulations, gate and branch in bf16 as under
+    autocast, or float32): its recomputed output is the forward's bit for bit, and its gradients are
+    autograd's through the same ops up to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 32, generator=g)
+    w = 1 + 0.1 * torch.randn(32, generator=g)
+    shift, scale, gate = (0.5 * torch.randn(3, 1, 32, generator=g).to(mod_dtype) for _ in range(3))
+    branch = torch.randn(3, 40, 32, generator=g).to(mod_dtype)
+    inputs = (x, gate, branch, w, shift, scale) if residual else (x, w, shift, scale)
+    pro = NormModulate(1e-6, residual)
+    dh = torch.randn(3, 40, 32, generator=g)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref = pro(*leaves)
+    ref_grads = torch.autograd.grad(ref, leaves, dh)
+    h, state = pro.recompute(*inputs)
+    assert torch.equal(h, ref.detach())
+    got = pro.backward(state, dh, [True] * len(inputs))
+    for a, b, t in zip(ref_grads, got, inputs):
+        assert b.dtype == t.dtype and b.shape == t.shape
+        tol = 1e-5 if b.dtype == torch.float32 else 1e-2
+        assert (b.float() - a.float()).norm() <= tol * a.float().norm(), (t.shape, (b - a).norm() / a.norm())
+    assert pro.backward(state, dh, [False] * len(inputs)) == [None] * len(inputs)
+    assert pro.recompute(x.double(), *inputs[1:]) is None  # other dtypes: autograd's chain
 
 
 def _saved_bytes(fn):

@@ -14,17 +14,9 @@ import torch.nn.functional as F
 
 from .fused import (chunk_major, folds_bias, fused_applies, norm_linear, norm_scale, norm_scale_w,
                     pixel_mlp_residual)
-from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, rms_norm, sincos_2d
-from .recompute import linears_of_recomputed
+from .layers import Attention, GeluMLP, JointAttention, RMSNorm, SwiGLU, modulate, sincos_2d
+from .recompute import NormModulate, linears_of_recomputed
 from .wrapping import selective_region
-
-
-def _norm_modulate(x, weight, shift, scale, eps):
-    return modulate(rms_norm(x, weight, eps), shift, scale)
-
-
-def _residual_norm_modulate(x, gate, branch, weight, shift, scale, eps):
-    return modulate(rms_norm(torch.addcmul(x, gate, branch), weight, eps), shift, scale)
 
 
 def _swiglu_hidden(g, u):
@@ -53,7 +45,7 @@ class _PatchBlock(_RecomputingBlock):
     @staticmethod
     def _qkv(x, norm, mods, qkv):
         """(norm(x) ⊙ (1 + scale1) + shift1) Wᵀ; the normalised input is recomputed in backward."""
-        (out,) = linears_of_recomputed(partial(_norm_modulate, eps=norm.eps),
+        (out,) = linears_of_recomputed(NormModulate(norm.eps, residual=False),
                                        (x, norm.weight, mods[0], mods[1]), [qkv.weight])
         return out
 
@@ -62,7 +54,7 @@ class _PatchBlock(_RecomputingBlock):
         """x + gate1 ⊙ attn, then the gated SwiGLU residual. The residual sum (again), its norm and modulation
         and the MLP's hidden product are recomputed in backward; the MLP's matmul outputs are kept."""
         _, _, gate1, shift2, scale2, gate2 = mods
-        g, u = linears_of_recomputed(partial(_residual_norm_modulate, eps=norm.eps),
+        g, u = linears_of_recomputed(NormModulate(norm.eps, residual=True),
                                      (x, gate1, attn_out, norm.weight, shift2, scale2),
                                      [mlp.gate.weight, mlp.up.weight])
         (m,) = linears_of_recomputed(_swiglu_hidden, (g, u), [mlp.down.weight])

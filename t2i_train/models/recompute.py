@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import modulate, rms_norm
+
 
 def _autocast_state(device_type: str):
     if torch.is_autocast_enabled(device_type):
@@ -67,11 +69,16 @@ class _LinearsOfRecomputed(torch.autograd.Function):
         need_add = ctx.needs_input_grad[3 + n + len(wcs):]
         if all(g is None for g in grads):
             return (None,) * len(ctx.needs_input_grad)
-        xs = [x.detach().requires_grad_(need) if x is not None and x.is_floating_point() else x
-              for x, need in zip(inputs, need_in)]
-        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.cast or torch.bfloat16,
-                                                 enabled=ctx.cast is not None):
-            h = ctx.prologue(*xs)
+        hand = getattr(ctx.prologue, "recompute", None)
+        recomputed = hand(*inputs) if hand is not None else None
+        if recomputed is not None:  # the prologue's own backward, no autograd graph
+            h, state = recomputed
+        else:
+            xs = [x.detach().requires_grad_(need) if x is not None and x.is_floating_point() else x
+                  for x, need in zip(inputs, need_in)]
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.cast or torch.bfloat16,
+                                                     enabled=ctx.cast is not None):
+                h = ctx.prologue(*xs)
         hc = h.detach()
         if ctx.cast is not None and hc.dtype != ctx.cast:
             hc = hc.to(ctx.cast)
@@ -92,10 +99,60 @@ class _LinearsOfRecomputed(torch.autograd.Function):
             # each linear's input gradient returns to h's dtype before they are summed, as in autograd
             d = g2.mm(wc).view(hc.shape).to(h.dtype)
             dh = d if dh is None else dh.add_(d)
-        wanted = [x for x, need in zip(xs, need_in) if need]
-        got = iter(torch.autograd.grad(h, wanted, dh, allow_unused=True) if wanted and dh is not None else ())
-        dxs = [next(got, None) if need else None for need in need_in]
+        if recomputed is not None:
+            dxs = ctx.prologue.backward(state, dh, need_in) if dh is not None else [None] * n
+        else:
+            wanted = [x for x, need in zip(xs, need_in) if need]
+            got = iter(torch.autograd.grad(h, wanted, dh, allow_unused=True) if wanted and dh is not None else ())
+            dxs = [next(got, None) if need else None for need in need_in]
         return (None, None, None, *dxs, *dws, *dadds)
+
+
+class NormModulate:
+    """Prologue modulate(rms_norm(x₁, w), shift, scale) with x₁ = x, or x + gate ⊙ branch (`residual`), taking
+    (x, w, shift, scale) or (x, gate, branch, w, shift, scale): the patch blocks' AdaLN input. Its backward is
+    written out for a float32 stream and weight (a third of the passes of autograd's chain through the
+    decomposed norm); other dtypes go through autograd. The recomputed output is the forward's bit for bit."""
+
+    def __init__(self, eps: float, residual: bool):
+        self.eps, self.residual = eps, residual
+
+    def _split(self, inputs):
+        if self.residual:
+            return inputs
+        x, w, shift, scale = inputs
+        return x, None, None, w, shift, scale
+
+    def __call__(self, *inputs):
+        x, gate, branch, w, shift, scale = self._split(inputs)
+        if gate is not None:
+            x = torch.addcmul(x, gate, branch)
+        return modulate(rms_norm(x, w, self.eps), shift, scale)
+
+    def recompute(self, *inputs):
+        x, gate, branch, w, shift, scale = self._split(inputs)
+        if x.dtype != torch.float32 or w.dtype != torch.float32:
+            return None
+        x1 = torch.addcmul(x, gate, branch) if gate is not None else x
+        n, rstd = torch.ops.aten._fused_rms_norm(x1, [x1.shape[-1]], w, self.eps)  # = F.rms_norm's output
+        s1 = 1 + scale
+        return torch.addcmul(shift, n, s1), (x1, n, rstd, gate, branch, w, shift, scale, s1)
+
+    def backward(self, state, dh, needs):
+        x1, n, rstd, gate, branch, w, shift, scale, s1 = state
+        dn = dh * s1
+        xhat = x1 * rstd
+        g = dn * w
+        dx1 = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(rstd)
+        grads = {"x": dx1,
+                 "w": (dn * xhat).sum_to_size(w.shape).to(w.dtype),
+                 "shift": dh.sum_to_size(shift.shape).to(shift.dtype),
+                 "scale": (dh * n).sum_to_size(scale.shape).to(scale.dtype)}
+        if gate is not None:
+            grads["gate"] = (dx1 * branch).sum_to_size(gate.shape).to(gate.dtype)
+            grads["branch"] = (dx1 * gate).to(branch.dtype)
+        names = ("x", "gate", "branch", "w", "shift", "scale") if self.residual else ("x", "w", "shift", "scale")
+        return [grads[k] if need else None for k, need in zip(names, needs)]
 
 
 def linears_of_recomputed(prologue, inputs, weights, adds=None):
