@@ -70,10 +70,9 @@ class _LinearsOfRecomputed(torch.autograd.Function):
         if all(g is None for g in grads):
             return (None,) * len(ctx.needs_input_grad)
         hand = getattr(ctx.prologue, "recompute", None)
-        recomputed = hand(*inputs) if hand is not None else None
-        if recomputed is not None:  # the prologue's own backward, no autograd graph
-            h, state = recomputed
-        else:
+        h = hand(*inputs) if hand is not None else None
+        recomputed = h is not None  # the prologue's own backward, no autograd graph
+        if not recomputed:
             xs = [x.detach().requires_grad_(need) if x is not None and x.is_floating_point() else x
                   for x, need in zip(inputs, need_in)]
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.cast or torch.bfloat16,
@@ -99,8 +98,9 @@ class _LinearsOfRecomputed(torch.autograd.Function):
             # each linear's input gradient returns to h's dtype before they are summed, as in autograd
             d = g2.mm(wc).view(hc.shape).to(h.dtype)
             dh = d if dh is None else dh.add_(d)
-        if recomputed is not None:
-            dxs = ctx.prologue.backward(state, dh, need_in) if dh is not None else [None] * n
+        if recomputed:
+            h = hc = h2 = None  # the prologue's output is no longer needed: free it before its backward
+            dxs = ctx.prologue.backward(dh, need_in) if dh is not None else [None] * n
         else:
             wanted = [x for x, need in zip(xs, need_in) if need]
             got = iter(torch.autograd.grad(h, wanted, dh, allow_unused=True) if wanted and dh is not None else ())
@@ -130,24 +130,36 @@ class NormModulate:
         return modulate(rms_norm(x, w, self.eps), shift, scale)
 
     def recompute(self, *inputs):
+        """The output again (None where the written-out backward does not apply); keeps what `backward` needs."""
         x, gate, branch, w, shift, scale = self._split(inputs)
         if x.dtype != torch.float32 or w.dtype != torch.float32:
             return None
         x1 = torch.addcmul(x, gate, branch) if gate is not None else x
         n, rstd = torch.ops.aten._fused_rms_norm(x1, [x1.shape[-1]], w, self.eps)  # = F.rms_norm's output
         s1 = 1 + scale
-        return torch.addcmul(shift, n, s1), (x1, n, rstd, gate, branch, w, shift, scale, s1)
+        self._state = [x1, n, rstd, gate, branch, w, shift, scale, s1]
+        return torch.addcmul(shift, n, s1)
 
-    def backward(self, state, dh, needs):
+    def backward(self, dh, needs):
+        """Gradients of the inputs from dh (float32, consumed: reused as workspace). Temporaries die early:
+        besides the inputs, at most four stream-sized float32 tensors are alive at once."""
+        state, self._state = self._state, None
+        if not any(needs):
+            return [None] * len(needs)
         x1, n, rstd, gate, branch, w, shift, scale, s1 = state
-        dn = dh * s1
-        xhat = x1 * rstd
-        g = dn * w
-        dx1 = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(rstd)
-        grads = {"x": dx1,
-                 "w": (dn * xhat).sum_to_size(w.shape).to(w.dtype),
-                 "shift": dh.sum_to_size(shift.shape).to(shift.dtype),
+        state.clear()
+        grads = {"shift": dh.sum_to_size(shift.shape).to(shift.dtype),
                  "scale": (dh * n).sum_to_size(scale.shape).to(scale.dtype)}
+        del n
+        dn = dh.mul_(s1)
+        xhat = x1 * rstd
+        del x1
+        grads["w"] = (dn * xhat).sum_to_size(w.shape).to(w.dtype)
+        g = dn.mul_(w)
+        m = (g * xhat).mean(-1, keepdim=True)
+        dx1 = g.sub_(xhat.mul_(m)).mul_(rstd)
+        del xhat
+        grads["x"] = dx1
         if gate is not None:
             grads["gate"] = (dx1 * branch).sum_to_size(gate.shape).to(gate.dtype)
             grads["branch"] = (dx1 * gate).to(branch.dtype)
