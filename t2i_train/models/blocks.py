@@ -233,20 +233,16 @@ class PiTBlock(_RecomputingBlock):
             return b[k] if fold_bias else None
 
         fold = self.fold_shift and self.shift_fold_pays(BL)
+        wc = self.compact.weight
+        if fold:
+            shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
         if regions:  # the compaction's input u = norm1(x) ⊙ scale1 (+ shift1) is not kept
             shape = (BL, P2 * D) if fold else (batch, BL // batch, P2 * D)
-            prologue = partial(_pixel_norm_scale, eps=self.norm1.eps, shape=shape)
-            wc = self.compact.weight
-            if fold:
-                shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
-                inputs, add = (x, fused_mod(1), self.norm1.weight, None, fused_bias(1)), shift_term
-            else:
-                inputs, add = (x, fused_mod(1), self.norm1.weight, modulation(0), fused_bias(1)), self.compact.bias
-            (h,) = linears_of_recomputed(prologue, inputs, [wc], [add])
+            shift1, add = (None, shift_term) if fold else (modulation(0), self.compact.bias)
+            (h,) = linears_of_recomputed(partial(_pixel_norm_scale, eps=self.norm1.eps, shape=shape),
+                                         (x, fused_mod(1), self.norm1.weight, shift1, fused_bias(1)), [wc], [add])
             h = h.view(batch, BL // batch, -1)
         elif fold:
-            wc = self.compact.weight
-            shift_term = F.linear(s_cond, wc @ w[0], torch.addmv(self.compact.bias, wc, b[0]))
             h = norm_scale(x, fused_mod(1), self.norm1, scale_bias=fused_bias(1)) if fused \
                 else self.norm1(x) * modulation(1)
             h = torch.addmm(shift_term, h.view(BL, P2 * D), wc.t()).view(batch, BL // batch, -1)

@@ -95,9 +95,9 @@ class _LinearsOfRecomputed(torch.autograd.Function):
                 dadds.append((g2.sum(0) if dim == 1 else g).to(dtype))
             else:
                 dadds.append(None)
-            # each linear's input gradient returns to h's dtype before they are summed, as in autograd
-            d = g2.mm(wc).view(hc.shape).to(h.dtype)
-            dh = d if dh is None else dh.add_(d)
+            if any(need_in):  # each linear's input gradient returns to h's dtype before the sum, as in autograd
+                d = g2.mm(wc).view(hc.shape).to(h.dtype)
+                dh = d if dh is None else dh.add_(d)
         if recomputed:
             h = hc = h2 = None  # the prologue's output is no longer needed: free it before its backward
             dxs = ctx.prologue.backward(dh, need_in) if dh is not None else [None] * n

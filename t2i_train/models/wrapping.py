@@ -103,7 +103,7 @@ def run_block(policy: str, block, *args):
 
 
 def set_recompute_regions(blocks, policy: str, compiled: bool) -> None:
-    """Under `selective`, eager blocks that can (the patch-level ones) apply it from their structure."""
+    """Under `selective`, eager blocks that can (patch and pixel blocks) apply it from their structure."""
     for block in blocks:
         if hasattr(block, "recompute_regions"):
             block.recompute_regions = policy == "selective" and not compiled
